@@ -1,0 +1,79 @@
+"""Write a model folder atomically: safetensors shards, their index, JSON files.
+
+Everything is written into a hidden sibling folder that is renamed into place
+only when complete, so a crash, a full disk or Ctrl-C leaves either the old
+folder or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Refuse to overwrite a non-empty folder unless forced."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is a file; choose another output path.")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise FileExistsError(f"{path} exists and is not empty; pass --force to replace it, or choose another path.")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `path` only if the block completes."""
+    path = Path(path)
+    check_output_dir(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # KeyboardInterrupt and a full disk included: leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_weights(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Save numpy tensors as safetensors shards (+ index when more than one); returns file names."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for file_name, shard in zip(names, shards):
+        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+    if n > 1:
+        weight_map = {k: file_name for file_name, shard in zip(names, shards) for k in shard}
+        total = sum(t.nbytes for t in tensors.values())
+        write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names

@@ -1,0 +1,55 @@
+"""What the command-line tools share: flags built from a dataclass, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Errors a user can cause: reported as one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, OSError)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--kebab-name` flag per field, with the field's default and `help` metadata."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(action="append", default=None)
+        else:
+            kwargs["type"] = f.metadata.get("type", type(default) if default is not None else str)
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build the dataclass from parsed flags (unset list flags keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**values)
+
+
+def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Turn user errors and Ctrl-C into one line on stderr and a non-zero exit status."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapper

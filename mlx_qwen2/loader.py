@@ -1,0 +1,181 @@
+"""A local folder or Hugging Face hub id -> (model, tokenizer).
+
+Weights are read lazily from safetensors (sharded or not); quantization
+described in config.json is re-applied before the weights are set. Pickled
+weights (.bin, .pt) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .model import Model, ModelArgs
+from .tokenizer import Tokenizer
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+def resolve_path(path_or_id: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local folder as is; a hub id ("org/name") downloaded (only the files we read)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the model folder that contains config.json.")
+    text = str(path_or_id)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {text} not found; pass a local folder or a hub id like Qwen/Qwen2-0.5B.")
+    return _download(text, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id} is neither a local folder nor a repository on the Hugging Face hub (or it is gated: "
+            "log in with `hf auth login`)."
+        ) from e
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise ConnectionError(
+            f"could not download {repo_id} from the Hugging Face hub (offline?) and it is not in the local "
+            "cache; download it on a connected machine, or pass the path of a local model folder."
+        ) from e
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a Hugging Face or MLX model folder.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the model.") from e
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError if a safetensors file is truncated or its header is corrupt."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-convert it.") from e
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}; "
+            "re-download or re-convert it."
+        )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, checked; refuses pickled weights."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks shard(s) {', '.join(missing)} listed in {index.name}; re-download.")
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise ValueError(
+                f"{folder} holds only pickled weights ({', '.join(pickled)}), which mlx_qwen2 never loads "
+                "because unpickling can run arbitrary code; use a safetensors checkpoint."
+            )
+        raise FileNotFoundError(f"no .safetensors weights in {folder}.")
+    for f in files:
+        check_safetensors(f)
+    return files
+
+
+def load_weights(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint as lazy MLX arrays (nothing is read until evaluated)."""
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(folder):
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def apply_quantization(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers where the checkpoint holds `.scales`, with per-layer overrides."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if not q:
+        return
+    defaults = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        override = q.get(path)
+        if override is False or f"{path}.scales" not in weights:
+            return False
+        if isinstance(override, dict):
+            return {**defaults, **{k: override[k] for k in ("group_size", "bits", "mode") if k in override}}
+        return defaults
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def load_model(folder: Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> Model:
+    """Build the model from config.json and set its weights."""
+    config = read_config(folder)
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+    weights = model.sanitize(load_weights(folder))
+    apply_quantization(model, config, weights)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"the weights in {folder} do not match its config.json: {e}") from e
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def eos_ids(folder: Path) -> set[int]:
+    """EOS ids from generation_config.json and config.json."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids
+
+
+def load(
+    path_or_id: str | os.PathLike[str],
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    revision: str | None = None,
+) -> tuple[Model, Tokenizer]:
+    """Load a Qwen2 model and its tokenizer from a local folder or a hub id."""
+    folder = resolve_path(path_or_id, revision)
+    model = load_model(folder, dtype=dtype, lazy=lazy)
+    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
+    return model, tokenizer

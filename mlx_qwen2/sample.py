@@ -1,0 +1,101 @@
+"""Pure functions from logits to a next token; `make_sampler` composes them.
+
+Logits are (B, vocab). Filters return logits with excluded entries at -inf,
+so they compose in any order before the final draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history ids, logits) -> logits
+
+
+def validate_sampling(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0
+) -> None:
+    """Raise ValueError naming the first sampling setting out of range."""
+    if temp < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temp}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top-k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min-p must be in [0, 1), got {min_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0 (1 disables it), got {repetition_penalty}")
+
+
+def greedy(logits: mx.array) -> mx.array:
+    return mx.argmax(logits, axis=-1)
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the k largest logits."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = mx.sort(logits, axis=-1)[..., -k][..., None]
+    return mx.where(logits < kth, -mx.inf, logits)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    mass_before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    sorted_logits = mx.where(mass_before >= p, -mx.inf, sorted_logits)
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(sorted_logits, inverse, axis=-1)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0:
+        return logits
+    top = mx.max(logits, axis=-1, keepdims=True)
+    # p_i / p_max = exp(l_i - l_max)
+    return mx.where(logits - top < mx.log(mx.array(min_p, logits.dtype)), -mx.inf, logits)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
+    """A function logits (B, vocab) -> token ids (B,); temp 0 is greedy."""
+    validate_sampling(temp, top_p, top_k, min_p)
+    if temp == 0:
+        return greedy
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32) / temp
+        logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
+        return mx.random.categorical(logits, axis=-1)
+
+    return sample
+
+
+def repetition_penalty_processor(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """CTRL-style penalty on the last `context_size` tokens: divide positive logits, multiply negative."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        """tokens: (n,) ids seen so far; logits: (1, vocab)."""
+        if tokens.size == 0:
+            return logits
+        ids = tokens[-context_size:]
+        picked = logits[..., ids]
+        picked = mx.where(picked < 0, picked * penalty, picked / penalty)
+        logits[..., ids] = picked
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: float = 1.0, context_size: int = 20) -> list[LogitsProcessor]:
+    validate_sampling(repetition_penalty=repetition_penalty)
+    if repetition_penalty == 1.0:
+        return []
+    return [repetition_penalty_processor(repetition_penalty, context_size)]
