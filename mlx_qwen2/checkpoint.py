@@ -16,8 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors.numpy import save_file
+import mlx.core as mx
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -37,6 +36,7 @@ def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
     check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
         old = None
@@ -57,9 +57,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def save_weights(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Save numpy tensors as safetensors shards (+ index when more than one); returns file names."""
-    shards: list[dict[str, np.ndarray]] = [{}]
+def save_weights(folder: Path, tensors: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Save tensors as safetensors shards (+ index when more than one); returns file names."""
+    shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -71,9 +71,11 @@ def save_weights(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: 
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file_name, shard in zip(names, shards):
-        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+        mx.save_safetensors(str(folder / file_name), shard, metadata={"format": "pt"})
     if n > 1:
         weight_map = {k: file_name for file_name, shard in zip(names, shards) for k in shard}
         total = sum(t.nbytes for t in tensors.values())
-        write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
     return names

@@ -1,6 +1,6 @@
 """Token generation: `generate_step`, `stream_generate`, `generate`, and the CLI.
 
-    python -m mlx_qwen2.generate --model Qwen/Qwen2-0.5B-Instruct --prompt "Hello"
+python -m mlx_qwen2.generate --model Qwen/Qwen2-0.5B-Instruct --prompt "Hello"
 """
 
 from __future__ import annotations

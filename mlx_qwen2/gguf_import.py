@@ -13,7 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .checkpoint import atomic_dir, save_weights, write_json
@@ -74,9 +77,7 @@ def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], added:
     return tok
 
 
-def _open(path: Path) -> Any:
-    from gguf import GGUFReader
-
+def _open(path: Path) -> GGUFReader:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} not found.")
     with open(path, "rb") as f:
@@ -88,7 +89,7 @@ def _open(path: Path) -> Any:
         raise ValueError(f"{path} is a corrupt or truncated GGUF file ({e}); download it again.") from e
 
 
-def _meta(reader: Any) -> dict[str, Any]:
+def _meta(reader: GGUFReader) -> dict[str, Any]:
     skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
     return {k: f.contents() for k, f in reader.fields.items() if k not in skip and not k.startswith("GGUF.")}
 
@@ -121,9 +122,11 @@ def gguf_config(meta: dict[str, Any], vocab_size: int, tied: bool, eos: list[int
     }
 
 
-def _tokenizer_files(reader: Any, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any], list[int]]:
+def _tokenizer_files(reader: GGUFReader, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any], list[int]]:
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer is {meta.get('tokenizer.ggml.model')!r}; qwen2 models use byte-level BPE (gpt2).")
+        raise ValueError(
+            f"GGUF tokenizer is {meta.get('tokenizer.ggml.model')!r}; qwen2 models use byte-level BPE (gpt2)."
+        )
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
@@ -133,7 +136,11 @@ def _tokenizer_files(reader: Any, meta: dict[str, Any]) -> tuple[Tokenizer, dict
         if k in (GGUF_CONTROL, GGUF_USER_DEFINED)
     ]
     tok = qwen2_tokenizer({t: i for i, t in enumerate(tokens)}, merges, added)
-    name = {k: tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos", "padding") if f"tokenizer.ggml.{k}_token_id" in meta}
+    name = {
+        k: tokens[meta[f"tokenizer.ggml.{k}_token_id"]]
+        for k in ("bos", "eos", "padding")
+        if f"tokenizer.ggml.{k}_token_id" in meta
+    }
     eos = [meta["tokenizer.ggml.eos_token_id"]] if "eos" in name else []
     if "<|endoftext|>" in tokens and tokens.index("<|endoftext|>") not in eos:
         eos.append(tokens.index("<|endoftext|>"))  # Qwen2 instruct models stop on either
@@ -153,14 +160,12 @@ def _tokenizer_files(reader: Any, meta: dict[str, Any]) -> tuple[Tokenizer, dict
     return tok, config, eos
 
 
-def _tensors(reader: Any, dtype: np.dtype, progress: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
-    from gguf.quants import dequantize
-
-    out: dict[str, np.ndarray] = {}
+def _tensors(reader: GGUFReader, dtype: np.dtype, progress: Callable[[int, int], None] | None) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
     for i, t in enumerate(reader.tensors):
         data = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        out[hf_key(t.name)] = np.ascontiguousarray(data.reshape(shape).astype(dtype))
+        out[hf_key(t.name)] = mx.array(data.reshape(shape).astype(dtype))
         if progress:
             progress(i + 1, len(reader.tensors))
     return out
@@ -190,7 +195,9 @@ def import_gguf(
     tied = "lm_head.weight" not in tensors
     config = gguf_config(meta, tensors["model.embed_tokens.weight"].shape[0], tied, eos)
     config["torch_dtype"] = dtype
-    generation = {k: v for k, v in {"bos_token_id": config["bos_token_id"], "eos_token_id": eos}.items() if v is not None}
+    generation = {
+        k: v for k, v in {"bos_token_id": config["bos_token_id"], "eos_token_id": eos}.items() if v is not None
+    }
     if "tokenizer.ggml.padding_token_id" in meta:
         generation["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     with atomic_dir(out, force) as tmp:

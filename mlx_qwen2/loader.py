@@ -94,7 +94,9 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(json.load(f)["weight_map"].values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks shard(s) {', '.join(missing)} listed in {index.name}; re-download.")
+            raise FileNotFoundError(
+                f"{folder} lacks shard(s) {', '.join(missing)} listed in {index.name}; re-download."
+            )
         files = [folder / n for n in names]
     else:
         files = sorted(folder.glob("*.safetensors"))

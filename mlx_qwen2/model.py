@@ -44,7 +44,7 @@ class ModelArgs:
     model_type: str = "qwen2"
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a config.json dict, ignoring keys Qwen2 does not use."""
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in names}
@@ -75,8 +75,7 @@ class ModelArgs:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"rope_scaling type {self.rope_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}."
+                f"rope_scaling type {self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
             )
 
     @property

@@ -44,7 +44,7 @@ class StreamingDetokenizer:
     constant. The concatenated pieces equal `Tokenizer.decode` of all tokens.
     """
 
-    def __init__(self, tokenizer: "Tokenizer"):
+    def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self.reset()
 
@@ -87,7 +87,7 @@ class Tokenizer:
         self._bytes_cache: dict[int, bytes] = {}
 
     @classmethod
-    def from_folder(cls, folder: str | Path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
         """Read tokenizer.json, tokenizer_config.json and any chat template file from a folder."""
         folder = Path(folder)
         path = folder / "tokenizer.json"

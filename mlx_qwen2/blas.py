@@ -1,0 +1,43 @@
+"""Use an optimized BLAS for MLX's CPU backend on Linux, when one is installed.
+
+MLX's Linux CPU wheels call the reference BLAS for float32 matrix products.
+Loading OpenBLAS into the process (globally) before `mlx.core` makes MLX's
+calls resolve to it: the same results up to float rounding, about 20x faster
+prefill. This must run before `mlx.core` is first imported; the package does
+it on import. Set MLX_QWEN2_BLAS=off to opt out, or to a library path to choose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+CANDIDATES = (
+    "libopenblas.so.0",  # Debian/Ubuntu: apt install libopenblas0-pthread
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "libopenblas.so",
+)
+
+in_use: str = "reference BLAS (MLX's default)" if sys.platform == "linux" else "platform default (Accelerate / GPU)"
+
+
+def preload() -> str:
+    """Load the first optimized BLAS found; returns a description of the BLAS in use."""
+    global in_use
+    choice = os.environ.get("MLX_QWEN2_BLAS", "")
+    if sys.platform != "linux" or choice.lower() in ("off", "0", "none"):
+        return in_use
+    if "mlx.core" in sys.modules:
+        return in_use  # too late: MLX has already bound its BLAS symbols
+    found = ctypes.util.find_library("openblas")
+    for name in ([choice] if choice else []) + ([found] if found else []) + list(CANDIDATES):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        in_use = f"OpenBLAS ({name})"
+        break
+    return in_use
