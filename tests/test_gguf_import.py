@@ -1,0 +1,45 @@
+"""GGUF import on a tiny file: same weights, same tokenizer, same logits as the source folder."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from mlx_qwen2.convert import main as convert_main
+from mlx_qwen2.gguf_import import hf_key, sha256_of
+from mlx_qwen2.loader import load
+from tests.tiny import hf_logits, hf_model
+from tests.tiny_gguf import write_gguf
+
+TEXT = "Hello 你好 😀 def f(x):\n\treturn x  <|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_untied, tmp_path_factory):
+    return write_gguf(tiny_untied, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_import_reproduces_the_source(tiny_gguf, tiny_untied, tmp_path):
+    out = tmp_path / "imported"
+    assert convert_main(["--gguf", str(tiny_gguf), "--mlx-path", str(out), "--sha256", sha256_of(tiny_gguf)]) == 0
+    ours, tok = load(out)
+    ids = tok.encode(TEXT)
+    assert ids == AutoTokenizer.from_pretrained(tiny_untied)(TEXT)["input_ids"]
+    # transformers loads the imported folder, and it computes what the source computes
+    np.testing.assert_allclose(hf_logits(hf_model(out), ids), hf_logits(hf_model(tiny_untied), ids), atol=1e-6)
+    np.testing.assert_allclose(np.array(ours(mx.array([ids]))[0]), hf_logits(hf_model(tiny_untied), ids), atol=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is False
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == sorted(tok.eos_token_ids)[::-1]
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_key_mapping():
+    assert hf_key("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert hf_key("output.weight") == "lm_head.weight"
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        hf_key("blk.0.ssm_conv.weight")

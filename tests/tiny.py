@@ -1,0 +1,109 @@
+"""Tiny random Qwen2 checkpoints in Hugging Face layout, built in-process.
+
+The weights come from transformers' own Qwen2ForCausalLM (random init), so the
+same folder serves as input to mlx_qwen2 and as the reference model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from mlx_qwen2.gguf_import import qwen2_tokenizer
+
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n",
+    "你好，世界！今天天气很好。我们去公园散步吧。",
+    "Emoji 😀🎉🚀 and accents: café naïve résumé.  Tabs\tand\n\nnewlines   spaces.",
+    "Numbers 12345 and symbols #$%&*()[]{} <html></html>",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> Tokenizer:
+    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, trained on a small corpus."""
+    scratch = qwen2_tokenizer({}, [], [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    scratch.model = models.BPE()
+    scratch.train_from_iterator(CORPUS * 5, trainer=trainer)
+    data = json.loads(scratch.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in data["merges"]]
+    added = [AddedToken(t, special=True, normalized=False) for t in SPECIALS]
+    return qwen2_tokenizer(data["vocab"], merges, added)
+
+
+def make_checkpoint(
+    folder: Path,
+    tied: bool = False,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 2,
+    hidden: int = 64,
+    rope_scaling: dict[str, Any] | None = None,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a random Qwen2 checkpoint (safetensors, config, tokenizer) to `folder`."""
+    tok = tiny_tokenizer()
+    eos = tok.token_to_id("<|im_end|>")
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        eos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():  # random biases, so a bug in their use cannot hide behind zeros
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+            layer.input_layernorm.weight.normal_(1, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    tok_config = {"chat_template": QWEN2_CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    gen = {"eos_token_id": [eos, tok.token_to_id("<|endoftext|>")]}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+def hf_model(folder: Path) -> Qwen2ForCausalLM:
+    return Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_logits(model: Qwen2ForCausalLM, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def hf_greedy(model: Qwen2ForCausalLM, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation by full recompute (no generation utilities, no EOS handling)."""
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(hf_logits(model, out)[-1].argmax()))
+    return out[len(ids) :]
