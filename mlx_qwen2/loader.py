@@ -16,6 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
@@ -39,9 +41,6 @@ def resolve_path(path_or_id: str | os.PathLike[str], revision: str | None = None
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except RepositoryNotFoundError as e:

@@ -54,6 +54,7 @@ def make_checkpoint(
     kv_heads: int = 2,
     layers: int = 2,
     hidden: int = 64,
+    intermediate: int | None = None,
     rope_scaling: dict[str, Any] | None = None,
     max_position_embeddings: int = 512,
     seed: int = 0,
@@ -64,7 +65,7 @@ def make_checkpoint(
     config = Qwen2Config(
         vocab_size=512,
         hidden_size=hidden,
-        intermediate_size=2 * hidden + 32,
+        intermediate_size=intermediate or 2 * hidden + 32,  # 160 for 64: only group size 32 divides it
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -102,8 +103,11 @@ def hf_logits(model: Qwen2ForCausalLM, ids: list[int]) -> np.ndarray:
 
 
 def hf_greedy(model: Qwen2ForCausalLM, ids: list[int], n: int) -> list[int]:
-    """Greedy continuation by full recompute (no generation utilities, no EOS handling)."""
-    out = list(ids)
-    for _ in range(n):
-        out.append(int(hf_logits(model, out)[-1].argmax()))
-    return out[len(ids) :]
+    """Greedy continuation with transformers' own KV cache; no generation utilities, no EOS handling."""
+    out = []
+    with torch.no_grad():
+        step = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            out.append(int(step.logits[0, -1].argmax()))
+            step = model(torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+    return out
