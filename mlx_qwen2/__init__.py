@@ -3,28 +3,21 @@
 from mlx_qwen2 import load, generate, stream_generate
 """
 
-import importlib
-from typing import Any
+import warnings
 
 from . import blas
 
 blas.preload()  # before anything imports mlx.core
 
+# `mlx_qwen2.generate` is both the CLI module and the public function. Importing the
+# module first and binding the function after keeps `mlx_qwen2.generate` the function
+# whatever is imported later; `python -m mlx_qwen2.generate` then finds the (CLI-only)
+# module already imported, which runpy warns about but which is harmless here.
+from . import generate as _cli  # noqa: E402, F401
+from .generation import generate, stream_generate  # noqa: E402
+from .loader import load  # noqa: E402
+
+warnings.filterwarnings("ignore", message=r"'mlx_qwen2\.\w+' found in sys\.modules", category=RuntimeWarning)
+
 __all__ = ["load", "generate", "stream_generate"]
 __version__ = "0.1.0"
-
-_PUBLIC = {"load": "loader", "generate": "generate", "stream_generate": "generate"}
-
-
-def __getattr__(name: str) -> Any:
-    # Resolved on first use rather than at import, so `python -m mlx_qwen2.generate`
-    # does not run a module that the package already imported.
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'mlx_qwen2' has no attribute {name!r}")
-    module = importlib.import_module(f".{_PUBLIC[name]}", __name__)
-    # Importing mlx_qwen2.generate binds the submodule to the name `generate`;
-    # the public API is the function, so bind all public names now.
-    for public, source in _PUBLIC.items():
-        if source == _PUBLIC[name]:
-            globals()[public] = getattr(module, public)
-    return globals()[name]

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from .cache import KVCache, make_cache
 from .cli import add_dataclass_args, from_args, report_errors
-from .generate import GenerationConfig, GenerationResponse, stream_generate
+from .generation import GenerationConfig, GenerationResponse, stream_generate
 from .loader import load
 from .model import Model
 from .tokenizer import Tokenizer

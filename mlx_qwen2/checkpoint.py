@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,25 +57,43 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def save_weights(folder: Path, tensors: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Save tensors as safetensors shards (+ index when more than one); returns file names."""
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append({})
+def save_weights(
+    folder: Path,
+    tensors: Iterable[tuple[str, mx.array]],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Evaluate and save (name, tensor) pairs a shard at a time; returns the file names.
+
+    Tensors may be lazy: each is computed as it is reached, and a shard is freed
+    once written, so peak memory is about one shard, not the whole model.
+    """
+    files: list[Path] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, mx.array] = {}
+    size = total = count = 0
+
+    def flush() -> None:
+        files.append(folder / f".shard-{len(files)}.safetensors")
+        mx.save_safetensors(str(files[-1]), shard, metadata={"format": "pt"})
+        shard.clear()
+
+    for name, t in tensors:
+        mx.eval(t)
+        if shard and size + t.nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = t
-        size += t.nbytes
-    n = len(shards)
+        shard[name], weight_map[name] = t, len(files)
+        size, total, count = size + t.nbytes, total + t.nbytes, count + 1
+        if progress:
+            progress(count)
+    if shard or not files:
+        flush()
+    n = len(files)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for file_name, shard in zip(names, shards):
-        mx.save_safetensors(str(folder / file_name), shard, metadata={"format": "pt"})
+    for f, name in zip(files, names):
+        os.rename(f, folder / name)
     if n > 1:
-        weight_map = {k: file_name for file_name, shard in zip(names, shards) for k in shard}
-        total = sum(t.nbytes for t in tensors.values())
-        write_json(
-            folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-        )
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+        write_json(folder / "model.safetensors.index.json", index)
     return names

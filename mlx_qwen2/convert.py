@@ -10,16 +10,21 @@ import argparse
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from .checkpoint import atomic_dir, check_output_dir, save_weights, write_json
 from .cli import report_errors
 from .gguf_import import import_gguf
-from .loader import load_model, read_config, resolve_path
-from .quantize import BITS, GROUP_SIZES, dequantize_model, quantize_model, validate, weights_of
+from .loader import load_weights, read_config, resolve_path
+from .model import Model, ModelArgs
+from .quantize import BITS, GROUP_SIZES, RECIPES, check_divisible, config_block, make_plan, quantizable_key, validate
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,40 +39,110 @@ TOKENIZER_FILES = (
 DTYPES = ("float16", "bfloat16", "float32")
 
 
+@dataclass
+class Summary:
+    """What a conversion wrote."""
+
+    path: Path
+    bits_per_weight: float  # stored bits per parameter of the matrices (weights + scales + biases)
+    size_bytes: int
+
+
+def source_settings(config: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
+    """Module path -> the quantization settings a quantized checkpoint was written with."""
+    block = config.get("quantization") or {}
+    defaults = {"group_size": block.get("group_size"), "bits": block.get("bits")}
+    return lambda path: {**defaults, **(block.get(path) or {})}
+
+
+def converted(
+    weights: dict[str, mx.array],
+    plan: Callable[[str], dict[str, Any]] | None,
+    dtype: mx.Dtype | None,
+    dequantize_with: Callable[[str], dict[str, Any]] | None,
+    stats: dict[str, float],
+) -> Iterator[tuple[str, mx.array]]:
+    """Lazily cast, quantize or dequantize each tensor; tallies bits and parameters of the matrices in `stats`."""
+
+    def cast(w: mx.array) -> mx.array:
+        return w.astype(dtype) if dtype is not None and mx.issubdtype(w.dtype, mx.floating) else w
+
+    for key in sorted(weights):
+        path, _, kind = key.rpartition(".")
+        w = weights[key]
+        if kind in ("weight", "scales", "biases") and f"{path}.scales" in weights:  # a packed matrix's parts
+            if dequantize_with is None:
+                yield key, w if kind == "weight" else cast(w)  # kept packed; scales and biases may be cast
+            elif kind == "weight":
+                s = dequantize_with(path)
+                w = mx.dequantize(w, weights[f"{path}.scales"], weights[f"{path}.biases"], s["group_size"], s["bits"])
+                w = cast(w)
+                stats["params"] += w.size
+                stats["bits"] += w.nbytes * 8
+                yield key, w
+            continue
+        w = cast(w)
+        if plan is not None and quantizable_key(key):
+            q = plan(path)
+            packed, scales, biases = mx.quantize(w, q["group_size"], q["bits"])
+            stats["params"] += w.size
+            stats["bits"] += (packed.nbytes + scales.nbytes + biases.nbytes) * 8
+            yield key, packed
+            yield f"{path}.scales", scales
+            yield f"{path}.biases", biases
+        else:
+            if quantizable_key(key):
+                stats["params"] += w.size
+                stats["bits"] += w.nbytes * 8
+            yield key, w
+
+
 def convert(
     src: Path,
     out: Path,
     quantize: bool = False,
     bits: int = 4,
     group_size: int = 64,
+    recipe: str | None = None,
     dtype: str | None = None,
     dequantize: bool = False,
     force: bool = False,
-) -> Path:
-    """Write `src` (a Hugging Face or MLX folder) to `out`, cast and optionally (de)quantized."""
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Write `src` (a Hugging Face or MLX folder) to `out`, cast and optionally (de)quantized, streaming."""
     config = read_config(src)
+    args = ModelArgs.from_dict(config)
     source_quantized = bool(config.get("quantization"))
     if quantize and source_quantized:
         raise ValueError(f"{src} is already quantized; pass --dequantize first, or convert from the float checkpoint.")
     if dequantize and not source_quantized:
         raise ValueError(f"{src} is not quantized; there is nothing to --dequantize.")
     check_output_dir(out, force)
-    model = load_model(src, dtype=getattr(mx, dtype) if dtype else None, lazy=True)
+    weights = Model(args).sanitize(load_weights(src))  # lazy: nothing is read yet
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    plan = None
     if quantize:
-        block = quantize_model(model, bits, group_size)
-        config["quantization"] = config["quantization_config"] = block
-    if dequantize:
-        dequantize_model(model)
+        plan = make_plan(args.num_hidden_layers, args.tie_word_embeddings, bits, group_size, recipe)
+        matrices = {k.rpartition(".")[0]: w.shape for k, w in weights.items() if quantizable_key(k)}
+        check_divisible(matrices, plan)
+        config["quantization"] = config["quantization_config"] = config_block(plan, sorted(matrices))
+    elif source_quantized and not dequantize:
+        config["quantization"] = config["quantization_config"] = read_config(src)["quantization"]
     if dtype:
         config["torch_dtype"] = dtype
+    stats = {"bits": 0.0, "params": 0.0}
+    dequantize_with = source_settings(read_config(src)) if dequantize else None
+    tensors = converted(weights, plan, getattr(mx, dtype) if dtype else None, dequantize_with, stats)
+    packed = sum(k.endswith(".scales") for k in weights)
+    total = len(weights) + 2 * sum(quantizable_key(k) for k in weights) * bool(plan) - 2 * packed * dequantize
     with atomic_dir(out, force) as tmp:
-        save_weights(tmp, weights_of(model))
+        save_weights(tmp, tensors, progress=(lambda n: progress(n, total)) if progress else None)
         write_json(tmp / "config.json", config)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-    return out
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return Summary(out, stats["bits"] / max(stats["params"], 1), size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,41 +154,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-bits", type=int, default=4, help=f"bits per weight, one of {BITS} (default: 4)")
     p.add_argument("--q-group-size", type=int, default=64, help=f"group size, one of {GROUP_SIZES} (default: 64)")
+    p.add_argument(
+        "--quant-recipe",
+        default=None,
+        help=f"mixed precision, one of {', '.join(RECIPES)}: mixed_L_H puts H bits on v_proj and down_proj of "
+        "the first and last eighth of the layers and every third between, at least 6 on the output layer "
+        "(embed_tokens when tied), L elsewhere; implies -q",
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of float weights (default: the checkpoint's)")
     p.add_argument("--dequantize", action="store_true", help="turn a quantized MLX folder back into float weights")
     p.add_argument("--sha256", default=None, help="with --gguf: refuse the file unless its sha256 matches")
+    p.add_argument("--upload-repo", default=None, help="upload the result to this Hugging Face repository")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     return p
 
 
-def _progress(done: int, total: int) -> None:
-    if done == total or done % max(1, total // 10) == 0:
-        print(f"dequantizing GGUF tensors: {done}/{total}", file=sys.stderr, flush=True)
+def _progress(label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"{label}: {done}/{total} tensors", file=sys.stderr, flush=True)
+
+    return report
 
 
-def _run(args: argparse.Namespace) -> Path:
+def _run(args: argparse.Namespace) -> Summary:
     out = Path(args.mlx_path)
-    options: dict[str, Any] = dict(bits=args.q_bits, group_size=args.q_group_size, force=args.force)
+    quantize = args.quantize or args.quant_recipe is not None
+    options: dict[str, Any] = dict(
+        quantize=quantize, bits=args.q_bits, group_size=args.q_group_size, recipe=args.quant_recipe, dtype=args.dtype
+    )
     if args.hf_path:
         src = resolve_path(args.hf_path)
-        return convert(src, out, args.quantize, dtype=args.dtype, dequantize=args.dequantize, **options)
+        return convert(src, out, dequantize=args.dequantize, force=args.force, progress=_progress("writing"), **options)
     if args.dequantize:
         raise ValueError("--dequantize applies to a quantized MLX folder (--hf-path), not to a GGUF.")
-    if not args.quantize and args.dtype in (None, "float32", "float16"):
-        return import_gguf(args.gguf, out, args.dtype or "float32", args.sha256, args.force, _progress)
+    if not quantize and args.dtype in (None, "float32", "float16"):
+        import_gguf(args.gguf, out, args.dtype or "float32", args.sha256, args.force, _progress("dequantizing GGUF"))
+        return convert_summary(out)
     check_output_dir(out, args.force)
-    with tempfile.TemporaryDirectory(prefix=".gguf-import-", dir=out.parent if out.parent.exists() else None) as tmp:
-        folder = import_gguf(args.gguf, Path(tmp) / "hf", "float32", args.sha256, progress=_progress)
-        return convert(folder, out, args.quantize, dtype=args.dtype, **options)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-", dir=out.parent) as tmp:
+        folder = import_gguf(
+            args.gguf, Path(tmp) / "hf", "float32", args.sha256, progress=_progress("dequantizing GGUF")
+        )
+        return convert(folder, out, force=args.force, progress=_progress("writing"), **options)
+
+
+def convert_summary(folder: Path) -> Summary:
+    """Summary of a float folder just written."""
+    weights = load_weights(folder)
+    matrices = [w for k, w in weights.items() if quantizable_key(k)]
+    bits = sum(w.nbytes * 8 for w in matrices) / max(sum(w.size for w in matrices), 1)
+    return Summary(folder, bits, sum(f.stat().st_size for f in folder.glob("*.safetensors")))
+
+
+def upload(folder: Path, repo: str) -> None:
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model")
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConnectionError(
+            f"could not upload {folder} to {repo} ({e.__class__.__name__}); check the network and `hf auth login`, "
+            "then upload later with `hf upload`. The converted folder is kept."
+        ) from e
 
 
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quantize:
-        validate(args.q_bits, args.q_group_size)  # before any slow work
-    out = _run(args)
-    print(f"wrote {out}", file=sys.stderr)
+    if args.quantize or args.quant_recipe:
+        validate(args.q_bits, args.q_group_size, args.quant_recipe)  # before any slow work
+    summary = _run(args)
+    print(
+        f"wrote {summary.path}: {summary.size_bytes / 1e9:.3f} GB of weights, "
+        f"{summary.bits_per_weight:.3f} bits per weight",
+        file=sys.stderr,
+    )
+    if args.upload_repo:
+        upload(summary.path, args.upload_repo)
+        print(f"uploaded to https://huggingface.co/{args.upload_repo}", file=sys.stderr)
     return 0
 
 

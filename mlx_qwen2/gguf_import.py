@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +160,16 @@ def _tokenizer_files(reader: GGUFReader, meta: dict[str, Any]) -> tuple[Tokenize
     return tok, config, eos
 
 
-def _tensors(reader: GGUFReader, dtype: np.dtype, progress: Callable[[int, int], None] | None) -> dict[str, mx.array]:
-    out: dict[str, mx.array] = {}
+def _tensors(
+    reader: GGUFReader, dtype: np.dtype, progress: Callable[[int, int], None] | None
+) -> Iterator[tuple[str, mx.array]]:
+    """Dequantize one tensor at a time, so memory holds one output shard, not the whole model."""
     for i, t in enumerate(reader.tensors):
         data = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        out[hf_key(t.name)] = mx.array(data.reshape(shape).astype(dtype))
+        yield hf_key(t.name), mx.array(data.reshape(shape).astype(dtype))
         if progress:
             progress(i + 1, len(reader.tensors))
-    return out
 
 
 def import_gguf(
@@ -191,9 +192,11 @@ def import_gguf(
     if sha256 is not None and (found := sha256_of(gguf_path)) != sha256.lower():
         raise ValueError(f"{gguf_path} has sha256 {found}, expected {sha256}: the file is corrupt or a different one.")
     tok, tok_config, eos = _tokenizer_files(reader, meta)
-    tensors = _tensors(reader, np.dtype(dtype), progress)
-    tied = "lm_head.weight" not in tensors
-    config = gguf_config(meta, tensors["model.embed_tokens.weight"].shape[0], tied, eos)
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{gguf_path} has no token_embd.weight tensor; is it a complete qwen2 model?")
+    tied = "output.weight" not in shapes
+    config = gguf_config(meta, shapes["token_embd.weight"][1], tied, eos)
     config["torch_dtype"] = dtype
     generation = {
         k: v for k, v in {"bos_token_id": config["bos_token_id"], "eos_token_id": eos}.items() if v is not None
@@ -201,7 +204,7 @@ def import_gguf(
     if "tokenizer.ggml.padding_token_id" in meta:
         generation["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     with atomic_dir(out, force) as tmp:
-        save_weights(tmp, tensors)
+        save_weights(tmp, _tensors(reader, np.dtype(dtype), progress))
         tok.save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tok_config)
         write_json(tmp / "config.json", config)

@@ -2,10 +2,13 @@
 
 The block has mlx-lm's on-disk format: {"group_size", "bits", "mode"} plus, per
 module path, `false` for a layer kept in float or a dict of its own settings.
+Knows nothing of files or calibration data.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -14,30 +17,94 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+# Mixed recipes: (bits for most layers, bits for the sensitive ones).
+RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6), "mixed_4_8": (4, 8)}
+OUTPUT_MIN_BITS = 6  # a recipe never puts the output layer below this
 
 
-def validate(bits: int, group_size: int) -> None:
+def validate(bits: int, group_size: int, recipe: str | None = None) -> None:
     if bits not in BITS:
         raise ValueError(f"--q-bits {bits} is not supported; choose one of {', '.join(map(str, BITS))}.")
     if group_size not in GROUP_SIZES:
-        raise ValueError(
-            f"--q-group-size {group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}."
-        )
+        choices = ", ".join(map(str, GROUP_SIZES))
+        raise ValueError(f"--q-group-size {group_size} is not supported; choose one of {choices}.")
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"--quant-recipe {recipe} is unknown; choose one of {', '.join(RECIPES)}.")
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64) -> dict[str, Any]:
-    """Quantize every Linear and Embedding in place; returns the `quantization` config block."""
-    validate(bits, group_size)
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % group_size:
+def is_sensitive_layer(index: int, num_layers: int) -> bool:
+    """The first and last eighth of the layers, and every third layer between them."""
+    eighth = num_layers // 8
+    return index < eighth or index >= num_layers - eighth or (index - eighth) % 3 == 2
+
+
+def recipe_bits(path: str, num_layers: int, low: int, high: int, tied: bool) -> int:
+    """Bits a recipe gives the module at `path`."""
+    if path == "lm_head" or (tied and path == "model.embed_tokens"):
+        # The output layer is the most sensitive matrix. With tied embeddings (Qwen2 0.5B,
+        # 1.5B) it is embed_tokens: a recipe that raises only `lm_head` misses it.
+        return max(high, OUTPUT_MIN_BITS)
+    m = re.match(r"model\.layers\.(\d+)\.(self_attn\.v_proj|mlp\.down_proj)$", path)
+    if m and is_sensitive_layer(int(m.group(1)), num_layers):
+        return high
+    return low
+
+
+def quantizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding))
+
+
+def quantizable_key(key: str) -> bool:
+    """Checkpoint keys of the matrices a quantized checkpoint packs (projections, embedding, head)."""
+    return key.endswith(".weight") and ("_proj." in key or key.startswith(("model.embed_tokens.", "lm_head.")))
+
+
+def make_plan(
+    num_layers: int, tied: bool, bits: int = 4, group_size: int = 64, recipe: str | None = None
+) -> Callable[[str], dict[str, Any]]:
+    """Module path -> its quantization settings, for a uniform width or a mixed recipe."""
+    validate(bits, group_size, recipe)
+    if recipe is None:
+        return lambda path: {"group_size": group_size, "bits": bits, "mode": "affine"}
+    low, high = RECIPES[recipe]
+    return lambda path: {
+        "group_size": group_size,
+        "bits": recipe_bits(path, num_layers, low, high, tied),
+        "mode": "affine",
+    }
+
+
+def config_block(plan: Callable[[str], dict[str, Any]], paths: list[str]) -> dict[str, Any]:
+    """The `quantization` block: the most common settings, with the other layers listed by path."""
+    settings = {p: plan(p) for p in paths}
+    counts: dict[tuple[int, int], int] = {}
+    for s in settings.values():
+        counts[(s["group_size"], s["bits"])] = counts.get((s["group_size"], s["bits"]), 0) + 1
+    group_size, bits = max(counts, key=counts.get) if counts else (64, 4)
+    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for p, s in settings.items():
+        if (s["group_size"], s["bits"]) != (group_size, bits):
+            block[p] = {"group_size": s["group_size"], "bits": s["bits"]}
+    return block
+
+
+def check_divisible(shapes: dict[str, tuple[int, ...]], plan: Callable[[str], dict[str, Any]]) -> None:
+    for path, shape in shapes.items():
+        g = plan(path)["group_size"]
+        if shape[-1] % g:
             raise ValueError(
-                f"--q-group-size {group_size} does not divide the input dimension {module.weight.shape[-1]} "
+                f"--q-group-size {g} does not divide the input dimension {shape[-1]} "
                 f"of {path}; choose a group size that does."
             )
-    nn.quantize(
-        model, group_size=group_size, bits=bits, class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding))
-    )
-    return {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, recipe: str | None = None) -> dict[str, Any]:
+    """Quantize every Linear and Embedding in place; returns the `quantization` config block."""
+    plan = make_plan(len(model.layers), bool(model.args.tie_word_embeddings), bits, group_size, recipe)
+    shapes = {p: m.weight.shape for p, m in model.named_modules() if quantizable(m)}
+    check_divisible(shapes, plan)
+    nn.quantize(model, class_predicate=lambda p, m: plan(p) if quantizable(m) else False)
+    return config_block(plan, sorted(shapes))
 
 
 def dequantize_model(model: nn.Module) -> None:
@@ -61,3 +128,16 @@ def dequantize_model(model: nn.Module) -> None:
 
 def weights_of(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.parameters()))
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits (weights, scales, biases) per parameter of the float model's matrices."""
+    stored = params = 0
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            stored += (module.weight.nbytes + module.scales.nbytes + module.biases.nbytes) * 8
+            params += module.weight.size * 32 // module.bits
+        elif quantizable(module):
+            stored += module.weight.nbytes * 8
+            params += module.weight.size
+    return stored / max(params, 1)

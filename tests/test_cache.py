@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_qwen2.cache import KVCache, make_cache
-from mlx_qwen2.generate import prefill
+from mlx_qwen2.generation import prefill
 from mlx_qwen2.loader import load
 
 IDS = [(i * 37 + 11) % 400 for i in range(23)]

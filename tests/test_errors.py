@@ -99,3 +99,8 @@ def test_truncated_gguf(tiny_untied, tmp_path, capsys):
     path = write_gguf(tiny_untied, tmp_path / "m.gguf")
     path.write_bytes(path.read_bytes()[:-5000])
     run(convert_main, ["--gguf", str(path), "--mlx-path", str(tmp_path / "o")], capsys, "corrupt or truncated")
+
+
+def test_hub_id_offline(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run(generate_main, ["--model", "Qwen/not-a-cached-model-xyz"], capsys, "local model folder")

@@ -8,7 +8,7 @@ import pytest
 
 from mlx_qwen2 import generate, load, stream_generate
 from mlx_qwen2.chat import ChatSession
-from mlx_qwen2.generate import GenerationConfig, _held_back
+from mlx_qwen2.generation import GenerationConfig, _held_back
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,15 @@ def test_hub_style_rope_scaling_is_read():
     assert args.rope_type == "yarn" and args.rope_theta == 1e6 and args.context_length == 131072
 
 
+def test_transformers5_rope_parameters_are_read():
+    base = dict(hidden_size=64, num_hidden_layers=1, intermediate_size=8, num_attention_heads=4, vocab_size=10)
+    args = ModelArgs.from_dict({**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}})
+    assert args.rope_theta == 500.0 and args.rope_type == "linear"
+    assert (
+        ModelArgs.from_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}).rope_theta == 7.0
+    )
+
+
 def test_every_released_config_builds():
     """Shapes of every Qwen2 / Qwen2.5 dense size on the hub (0.5B ... 72B) build without weights."""
     sizes = {  # hidden, layers, ffn, heads, kv heads, tied

@@ -6,6 +6,7 @@ same folder serves as input to mlx_qwen2 and as the reference model.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ def make_checkpoint(
                 proj.bias.normal_(0, 0.5)
             layer.input_layernorm.weight.normal_(1, 0.2)
     model.save_pretrained(folder, safe_serialization=True)
+    # Hub checkpoints (written by transformers 4) carry a top-level rope_theta; tools like
+    # mlx-lm read only that, so write it too, as the released Qwen2 configs have it.
+    saved = json.loads((folder / "config.json").read_text())
+    saved["rope_theta"] = saved.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
     tok.save(str(folder / "tokenizer.json"))
     tok_config = {"chat_template": QWEN2_CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
@@ -104,10 +110,13 @@ def hf_logits(model: Qwen2ForCausalLM, ids: list[int]) -> np.ndarray:
 
 def hf_greedy(model: Qwen2ForCausalLM, ids: list[int], n: int) -> list[int]:
     """Greedy continuation with transformers' own KV cache; no generation utilities, no EOS handling."""
+    # transformers renames `past_key_values` to `cache` in 5.x; use whichever this version takes.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
     with torch.no_grad():
         step = model(torch.tensor([ids]), use_cache=True)
         for _ in range(n):
             out.append(int(step.logits[0, -1].argmax()))
-            step = model(torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+            past = {cache_arg: step.past_key_values}
+            step = model(torch.tensor([[out[-1]]]), use_cache=True, **past)
     return out
