@@ -7,6 +7,7 @@ python -m mlx_qwen2.convert --gguf model.gguf --mlx-path out
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -22,9 +23,22 @@ from huggingface_hub.errors import HfHubHTTPError
 from .checkpoint import atomic_dir, check_output_dir, save_weights, write_json
 from .cli import report_errors
 from .gguf_import import import_gguf
-from .loader import load_weights, read_config, resolve_path
+from .gptq import quantize_gptq
+from .loader import load_model, load_weights, read_config, resolve_path
 from .model import Model, ModelArgs
-from .quantize import BITS, GROUP_SIZES, RECIPES, check_divisible, config_block, make_plan, quantizable_key, validate
+from .quantize import (
+    BITS,
+    GROUP_SIZES,
+    RECIPES,
+    bits_per_weight,
+    check_divisible,
+    config_block,
+    make_plan,
+    quantizable_key,
+    validate,
+    weights_of,
+)
+from .tokenizer import Tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -108,8 +122,13 @@ def convert(
     dequantize: bool = False,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    calibration: list[list[int]] | None = None,
 ) -> Summary:
-    """Write `src` (a Hugging Face or MLX folder) to `out`, cast and optionally (de)quantized, streaming."""
+    """Write `src` (a Hugging Face or MLX folder) to `out`, cast and optionally (de)quantized, streaming.
+
+    With `calibration` (token sequences), quantization is GPTQ instead of round-to-nearest;
+    that needs the whole model in memory rather than a few tensors at a time.
+    """
     config = read_config(src)
     args = ModelArgs.from_dict(config)
     source_quantized = bool(config.get("quantization"))
@@ -132,6 +151,11 @@ def convert(
         config["torch_dtype"] = dtype
     stats = {"bits": 0.0, "params": 0.0}
     dequantize_with = source_settings(read_config(src)) if dequantize else None
+    if calibration is not None and plan is not None:
+        model = load_model(src, dtype=getattr(mx, dtype) if dtype else None)
+        quantize_gptq(model, calibration, plan, progress=lambda i, n: progress(i, n) if progress else None)
+        weights, plan = weights_of(model), None  # already quantized: written as they are
+        stats = {"bits": bits_per_weight(model), "params": 1.0}
     tensors = converted(weights, plan, getattr(mx, dtype) if dtype else None, dequantize_with, stats)
     packed = sum(k.endswith(".scales") for k in weights)
     total = len(weights) + 2 * sum(quantizable_key(k) for k in weights) * bool(plan) - 2 * packed * dequantize
@@ -143,6 +167,30 @@ def convert(
                 shutil.copy2(src / name, tmp / name)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return Summary(out, stats["bits"] / max(stats["params"], 1), size)
+
+
+def calibration_ids(tokenizer: Tokenizer, path: str | None, n_tokens: int, seq_len: int = 512) -> list[list[int]]:
+    """Calibration token sequences from a .txt or .jsonl ({"text": ...} lines) file, or the sample we ship."""
+    if path is None:
+        here = Path(__file__).parent
+        texts = [(here / "calibration.txt").read_text()] + [p.read_text() for p in sorted(here.glob("*.py"))]
+    elif not Path(path).is_file():
+        raise FileNotFoundError(f"calibration data {path} not found.")
+    elif path.endswith(".jsonl"):
+        texts = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f'{path}, line {n}: expected a JSON object with a "text" field ({e}).') from e
+    else:
+        texts = [Path(path).read_text()]
+    ids = [t for text in texts for t in tokenizer.encode(text)][:n_tokens]
+    if len(ids) < seq_len:
+        raise ValueError(f"calibration data has {len(ids)} tokens; give at least {seq_len}.")
+    return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the first and last eighth of the layers and every third between, at least 6 on the output layer "
         "(embed_tokens when tied), L elsewhere; implies -q",
     )
+    p.add_argument("--calibrate", action="store_true", help="GPTQ: error-compensating quantization (implies -q)")
+    p.add_argument("--calibration-data", default=None, help="a .txt or .jsonl file (default: a sample shipped with us)")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of float weights (default: the checkpoint's)")
     p.add_argument("--dequantize", action="store_true", help="turn a quantized MLX folder back into float weights")
     p.add_argument("--sha256", default=None, help="with --gguf: refuse the file unless its sha256 matches")
@@ -179,13 +230,29 @@ def _progress(label: str) -> Callable[[int, int], None]:
 
 def _run(args: argparse.Namespace) -> Summary:
     out = Path(args.mlx_path)
-    quantize = args.quantize or args.quant_recipe is not None
+    quantize = args.quantize or args.quant_recipe is not None or args.calibrate
     options: dict[str, Any] = dict(
         quantize=quantize, bits=args.q_bits, group_size=args.q_group_size, recipe=args.quant_recipe, dtype=args.dtype
     )
+
+    def calibration(folder: Path) -> list[list[int]] | None:
+        if not args.calibrate:
+            return None
+        tokenizer = Tokenizer.from_folder(folder)
+        return calibration_ids(tokenizer, args.calibration_data, args.calibration_tokens)
+
     if args.hf_path:
         src = resolve_path(args.hf_path)
-        return convert(src, out, dequantize=args.dequantize, force=args.force, progress=_progress("writing"), **options)
+        progress = _progress("calibrating layers" if args.calibrate else "writing")
+        return convert(
+            src,
+            out,
+            dequantize=args.dequantize,
+            force=args.force,
+            progress=progress,
+            calibration=calibration(src),
+            **options,
+        )
     if args.dequantize:
         raise ValueError("--dequantize applies to a quantized MLX folder (--hf-path), not to a GGUF.")
     if not quantize and args.dtype in (None, "float32", "float16"):
@@ -223,7 +290,7 @@ def upload(folder: Path, repo: str) -> None:
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quantize or args.quant_recipe:
+    if args.quantize or args.quant_recipe or args.calibrate:
         validate(args.q_bits, args.q_group_size, args.quant_recipe)  # before any slow work
     summary = _run(args)
     print(

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mlx_qwen2"
 LAYERS = {
     "core": {"model", "cache", "sample", "quantize", "tokenizer", "blas"},
-    "library": {"checkpoint", "gguf_import", "loader", "generation", "cli"},
+    "library": {"checkpoint", "gguf_import", "gptq", "loader", "generation", "cli"},
     "app": {"generate", "convert", "chat"},
 }
 RANK = {m: i for i, layer in enumerate(LAYERS.values()) for m in layer}

@@ -1,0 +1,49 @@
+"""Shared by the benchmark scripts: the real model folder, held-out text, perplexity."""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+
+import mlx_qwen2  # noqa: F401  (before mlx.core: picks the optimized BLAS)
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlx_qwen2.convert import main as convert_main  # noqa: E402
+from tests.real_model import SHA256, cache_dir, gguf_path  # noqa: E402
+
+# Held-out text for a coder model: modules of Python's standard library (not in the calibration sample).
+EVAL_FILES = ("textwrap.py", "json/decoder.py", "heapq.py", "bisect.py", "fnmatch.py")
+
+
+def real_model_folder() -> Path:
+    """The fixture model imported to a float32 Hugging Face folder (cached next to the GGUF)."""
+    out = cache_dir() / "qwen2.5-coder-0.5b-instruct-f32"
+    if not (out / "config.json").is_file():
+        assert convert_main(["--gguf", str(gguf_path()), "--mlx-path", str(out), "--sha256", SHA256, "--force"]) == 0
+    return out
+
+
+def eval_text() -> str:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((lib / f).read_text() for f in EVAL_FILES)
+
+
+def perplexity(model, ids: list[int], window: int = 512) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows."""
+    nll, n = 0.0, 0
+    for i in range(0, len(ids) - 1, window):
+        chunk = ids[i : i + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = model(mx.array([chunk[:-1]]))[0].astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logprobs, mx.array(chunk[1:])[:, None], axis=-1)
+        nll -= float(picked.sum())
+        n += len(chunk) - 1
+    return float(np.exp(nll / n))
