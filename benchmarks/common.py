@@ -6,10 +6,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import mlx_qwen2  # noqa: F401  (before mlx.core: picks the optimized BLAS)
-
 import mlx.core as mx
 import numpy as np
+
+import mlx_qwen2  # noqa: F401  (before mlx.core: picks the optimized BLAS)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -59,7 +59,7 @@ def prefill(model: Model, tokens: mx.array, cache: list[KVCache], step: int) -> 
     """Run all prompt tokens but the last through the model in chunks, filling the cache."""
     while tokens.size > 1:
         n = min(step, tokens.size - 1)
-        model(tokens[None, :n], cache)
+        model.model(tokens[None, :n], cache)  # the backbone only: these logits are not needed
         mx.eval([c.keys for c in cache])
         tokens = tokens[n:]
     return tokens
@@ -78,7 +78,7 @@ def generate_step(
 
     def step(tokens: mx.array) -> mx.array:
         nonlocal history
-        logits = model(tokens[None], cache)[:, -1, :]
+        logits = model.head(model.model(tokens[None], cache)[:, -1:, :])[:, 0, :]  # (1, vocab)
         for process in logits_processors:
             logits = process(history, logits)
         token = sampler(logits)

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
+from .fast import use_fast_layers
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
 
@@ -174,9 +175,16 @@ def load(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
+    fast: bool = True,
 ) -> tuple[Model, Tokenizer]:
-    """Load a Qwen2 model and its tokenizer from a local folder or a hub id."""
+    """Load a Qwen2 model and its tokenizer from a local folder or a hub id.
+
+    `fast` swaps in the layers that are fastest on the default device (see `fast.py`);
+    they compute the same function up to float rounding.
+    """
     folder = resolve_path(path_or_id, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy)
+    if fast:
+        use_fast_layers(model)
     tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
     return model, tokenizer

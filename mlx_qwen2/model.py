@@ -237,7 +237,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: list[Cache] | None = None) -> mx.array:
-        h = self.model(inputs, cache)
+        return self.head(self.model(inputs, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Hidden states (B, L, D) -> logits (B, L, vocab); generation applies it to the last position only."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

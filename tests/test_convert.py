@@ -40,7 +40,7 @@ def test_quantize_save_load_round_trip(src, tmp_path, bits, group):
     )
     in_memory = load_model(src)
     quantize_model(in_memory, bits, group)
-    loaded, _ = load(out)
+    loaded, _ = load(out, fast=False)  # MLX's own quantized layers: bit-exact comparison
     assert isinstance(loaded.layers[0].mlp.down_proj, nn.QuantizedLinear)
     assert loaded.layers[0].self_attn.q_proj.bits == bits
     np.testing.assert_array_equal(logits(loaded), logits(in_memory))
@@ -132,3 +132,22 @@ def test_requantizing_refused(src, tmp_path, capsys):
     assert convert_main(["--hf-path", str(src), "--mlx-path", str(q), "-q", "--q-group-size", "32"]) == 0
     assert convert_main(["--hf-path", str(q), "--mlx-path", str(tmp_path / "qq"), "-q"]) == 1
     assert "already quantized" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_layers_compute_the_same_function(src, tmp_path, dtype):
+    """The CPU fast path (dequantize for many tokens, float32 scales) against MLX's own quantized layers."""
+    out = tmp_path / "q"
+    assert (
+        convert_main(["--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-group-size", "32", "--dtype", dtype])
+        == 0
+    )
+    plain, _ = load(out, fast=False)
+    fast, _ = load(out)
+    assert type(fast.layers[0].mlp.up_proj).__name__ == "DequantizingLinear"
+    assert fast.layers[0].mlp.up_proj.scales.dtype == mx.float32
+    assert type(plain.layers[0].mlp.up_proj) is nn.QuantizedLinear
+    for ids in (IDS, [IDS[0][:1]]):  # many tokens, and one
+        a, b = np.array(fast(mx.array(ids)).astype(mx.float32)), np.array(plain(mx.array(ids)).astype(mx.float32))
+        tol = 1e-4 if dtype == "float32" else 0.05 * np.abs(b).max()  # bfloat16 rounds at ~1e-2 relative
+        np.testing.assert_allclose(a, b, atol=tol)

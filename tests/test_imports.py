@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mlx_qwen2"
 LAYERS = {
-    "core": {"model", "cache", "sample", "quantize", "tokenizer", "blas"},
+    "core": {"model", "cache", "sample", "quantize", "tokenizer", "blas", "fast"},
     "library": {"checkpoint", "gguf_import", "gptq", "loader", "generation", "cli"},
     "app": {"generate", "convert", "chat"},
 }
