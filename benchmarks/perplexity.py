@@ -43,7 +43,6 @@ SETTINGS = [
         for r in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
     ],
     ("GPTQ 4-bit g64", ["--calibrate"], None),
-    ("GPTQ 3-bit g64", ["--calibrate", "--q-bits", "3"], None),
     ("GPTQ recipe mixed_3_6", ["--calibrate", "--quant-recipe", "mixed_3_6"], None),
 ]
 QUICK = {"4-bit g64", "GPTQ 4-bit g64"}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_qwen2.checkpoint import save_weights
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load, load_model
 from mlx_qwen2.quantize import quantize_model
@@ -151,3 +153,34 @@ def test_fast_layers_compute_the_same_function(src, tmp_path, dtype):
         a, b = np.array(fast(mx.array(ids)).astype(mx.float32)), np.array(plain(mx.array(ids)).astype(mx.float32))
         tol = 1e-4 if dtype == "float32" else 0.05 * np.abs(b).max()  # bfloat16 rounds at ~1e-2 relative
         np.testing.assert_allclose(a, b, atol=tol)
+
+
+def test_non_qwen2_source(src, tmp_path, capsys):
+    bad = tmp_path / "llama"
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert convert_main(["--hf-path", str(bad), "--mlx-path", str(tmp_path / "o"), "-q"]) == 1
+    assert "not 'qwen2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_shards_and_index(src, tmp_path):
+    weights = {k: v for k, v in mx.load(str(src / "model.safetensors")).items()}
+    out = tmp_path / "sharded"
+    out.mkdir()
+    names = save_weights(out, weights.items(), max_shard_bytes=200_000)
+    assert len(names) > 2 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(weights) and set(index["weight_map"].values()) == set(names)
+    for name in names:  # each shard within the limit (a single tensor larger than it gets a shard of its own)
+        assert (out / name).stat().st_size < 200_000 + max(v.nbytes for v in weights.values()) + 10_000
+    (out / "config.json").write_text((src / "config.json").read_text())
+    np.testing.assert_array_equal(logits(load_model(out)), logits(load_model(src)))
+
+
+def test_upload_offline_keeps_the_folder(src, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "o"
+    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "--upload-repo", "me/model"]) == 1
+    err = capsys.readouterr().err
+    assert "could not upload" in err and "kept" in err and (out / "config.json").is_file()
