@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -52,8 +53,10 @@ def model_folders(names: list[str]) -> dict[str, Path]:
 def run_worker(tool: str, folder: Path, ids_file: Path, gen_tokens: int, timeout: float) -> dict | None:
     cmd = [sys.executable, "-m", "benchmarks.gen_worker", "--tool", tool, "--model", str(folder)]
     cmd += ["--ids", str(ids_file), "--gen-tokens", str(gen_tokens), "--decode-seconds", str(timeout / 3)]
+    # mlx-lm runs as its users run it: on the BLAS MLX ships with (benchmarks/__init__ would preload OpenBLAS).
+    env = {**os.environ, "MLX_QWEN2_BLAS": "off"} if tool == "mlx-lm" else None
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True, env=env)
     except subprocess.TimeoutExpired:
         return None
     except subprocess.CalledProcessError as e:
@@ -90,7 +93,7 @@ def main() -> None:
                         print(f"{key} round {r + 1} {tool}: {res}", flush=True)
                 results[key] = runs
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} cores"
+    machine = f"{platform.machine()}, {platform.system()}, {os.cpu_count()} cores"
     Path(args.out).write_text(json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=2))
     print(f"\n(per-round results in {args.out})")
     print(f"\nMachine: {machine}; medians of {args.rounds} interleaved rounds, {args.gen_tokens} new tokens.\n")

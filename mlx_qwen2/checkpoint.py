@@ -19,6 +19,16 @@ from typing import Any
 import mlx.core as mx
 
 MAX_SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def check_output_dir(path: Path, force: bool) -> None:
@@ -97,3 +107,20 @@ def save_weights(
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
         write_json(folder / "model.safetensors.index.json", index)
     return names
+
+
+def write_model_folder(
+    out: Path,
+    tensors: Iterable[tuple[str, mx.array]],
+    config: dict[str, Any],
+    tokenizer_from: Path,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Weights, config.json and the tokenizer files of `tokenizer_from`, as one atomic folder."""
+    with atomic_dir(out, force) as tmp:
+        save_weights(tmp, tensors, progress=progress)
+        write_json(tmp / "config.json", config)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).is_file():
+                shutil.copy2(tokenizer_from / name, tmp / name)

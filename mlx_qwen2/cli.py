@@ -15,8 +15,14 @@ T = TypeVar("T")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, OSError)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--kebab-name` flag per field, with the field's default and `help` metadata."""
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), suppress: bool = False
+) -> None:
+    """One `--kebab-name` flag per field, with the field's default and `help` metadata.
+
+    With `suppress`, a flag not given is absent from the parsed namespace, so a config
+    file's values can sit between the dataclass defaults and the command line.
+    """
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -29,6 +35,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             kwargs.update(action="append", default=None)
         else:
             kwargs["type"] = f.metadata.get("type", type(default) if default is not None else str)
+        if suppress:
+            kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 from huggingface_hub import HfApi
 
-from .checkpoint import atomic_dir, check_output_dir, save_weights, write_json
+from .checkpoint import check_output_dir, write_model_folder
 from .cli import report_errors
 from .gguf_import import import_gguf
 from .gptq import quantize_gptq
@@ -39,16 +38,6 @@ from .quantize import (
 )
 from .tokenizer import Tokenizer
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -158,12 +147,7 @@ def convert(
     tensors = converted(weights, plan, getattr(mx, dtype) if dtype else None, dequantize_with, stats)
     packed = sum(k.endswith(".scales") for k in weights)
     total = len(weights) + 2 * sum(quantizable_key(k) for k in weights) * bool(plan) - 2 * packed * dequantize
-    with atomic_dir(out, force) as tmp:
-        save_weights(tmp, tensors, progress=(lambda n: progress(n, total)) if progress else None)
-        write_json(tmp / "config.json", config)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+    write_model_folder(out, tensors, config, src, force, progress=(lambda n: progress(n, total)) if progress else None)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return Summary(out, stats["bits"] / max(stats["params"], 1), size)
 

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap the prompt in the model's chat template (default: when the model has one)",
     )
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="compute dtype")
+    p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapters to apply (a folder from mlx_qwen2.lora)")
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="print statistics")
     add_dataclass_args(p, GenerationConfig)
     return p
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = from_args(GenerationConfig, args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    model, tokenizer = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
     ids = prompt_ids(tokenizer, prompt, args.system, args.chat_template)
     last = None
     for last in stream_generate(model, tokenizer, ids, config=config):

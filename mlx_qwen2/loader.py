@@ -19,6 +19,7 @@ import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
+from .adapters import load_adapters
 from .fast import use_fast_layers
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
@@ -176,15 +177,19 @@ def load(
     lazy: bool = False,
     revision: str | None = None,
     fast: bool = True,
+    adapter_path: str | os.PathLike[str] | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a Qwen2 model and its tokenizer from a local folder or a hub id.
 
     `fast` swaps in the layers that are fastest on the default device (see `fast.py`);
-    they compute the same function up to float rounding.
+    they compute the same function up to float rounding. `adapter_path` applies
+    LoRA/DoRA adapters saved by `python -m mlx_qwen2.lora` (or by mlx-lm).
     """
     folder = resolve_path(path_or_id, revision)
     model = load_model(folder, dtype=dtype, lazy=lazy)
     if fast:
         use_fast_layers(model)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
     tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
     return model, tokenizer

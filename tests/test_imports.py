@@ -8,9 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mlx_qwen2"
 LAYERS = {
-    "core": {"model", "cache", "sample", "quantize", "tokenizer", "blas", "fast"},
-    "library": {"checkpoint", "gguf_import", "gptq", "loader", "generation", "cli"},
-    "app": {"generate", "convert", "chat"},
+    "core": {"model", "cache", "sample", "quantize", "tokenizer", "blas", "fast", "adapters", "data"},
+    "library": {"checkpoint", "gguf_import", "gptq", "loader", "generation", "trainer", "cli"},
+    "app": {"generate", "convert", "chat", "lora", "fuse"},
 }
 RANK = {m: i for i, layer in enumerate(LAYERS.values()) for m in layer}
 CORE_THIRD_PARTY = {"mlx", "numpy", "tokenizers", "jinja2"}

@@ -59,6 +59,7 @@ def make_checkpoint(
     rope_scaling: dict[str, Any] | None = None,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> Path:
     """Write a random Qwen2 checkpoint (safetensors, config, tokenizer) to `folder`."""
     tok = tiny_tokenizer()
@@ -77,6 +78,7 @@ def make_checkpoint(
         rope_scaling=rope_scaling,
         bos_token_id=tok.token_to_id("<|endoftext|>"),
         eos_token_id=eos,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32).eval()

@@ -1,0 +1,184 @@
+"""The training loop: loss, schedule, accumulation, clipping, evaluation, checkpoints.
+
+No argument parsing and no printing: progress is reported through a callback,
+and checkpoints are written through a `save` function the caller provides.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from .data import Example, batches, training_batches
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; `python -m mlx_qwen2.lora` builds its flags from these fields."""
+
+    batch_size: int = field(default=4, metadata={"help": "sequences per step"})
+    iters: int = field(default=600, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=0, metadata={"help": "linear warmup steps"})
+    cosine_decay: bool = field(default=True, metadata={"help": "cosine decay to 10% of the peak after warmup"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_accumulation: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    grad_clip: float = field(default=0.0, metadata={"help": "clip the gradient norm to this; 0 disables"})
+    grad_checkpoint: bool = field(default=False, metadata={"help": "recompute layer activations in backward"})
+    steps_per_report: int = field(default=10, metadata={"help": "steps between train-loss reports"})
+    steps_per_eval: int = field(default=200, metadata={"help": "steps between validation runs"})
+    val_batches: int = field(default=25, metadata={"help": "validation batches per run; -1 for all"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    early_stop: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optimizer must be adamw, adam or sgd, got {self.optimizer!r}")
+        for name in ("batch_size", "iters", "grad_accumulation", "steps_per_report", "steps_per_eval", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+
+
+def loss_fn(model: nn.Module, tokens: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean next-token cross-entropy over weighted positions; returns (loss, weighted token count)."""
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    w = weights[:, 1:]
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * w
+    n = w.sum()
+    return ce.sum() / mx.maximum(n, 1), n
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """The optimizer with its schedule: linear warmup, then constant or cosine decay to 10% of the peak."""
+    peak = cfg.learning_rate
+    schedule: Callable = lambda _: peak
+    if cfg.cosine_decay:
+        schedule = optim.cosine_decay(peak, max(cfg.iters - cfg.warmup, 1), peak * 0.1)
+    if cfg.warmup:
+        schedule = optim.join_schedules([optim.linear_schedule(0.0, peak, cfg.warmup), schedule], [cfg.warmup])
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(learning_rate=schedule)
+    return optim.SGD(learning_rate=schedule)
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
+    cls = type(model.layers[0])
+    if getattr(cls, "_checkpointed", False):
+        return
+    forward = cls.__call__
+
+    def checkpointed(layer: nn.Module, x: mx.array, mask: object, cache: object) -> mx.array:
+        def inner(params: dict, x: mx.array) -> mx.array:
+            layer.update(params)
+            return forward(layer, x, mask, cache)
+
+        return mx.checkpoint(inner)(layer.trainable_parameters(), x)
+
+    cls._forward = forward  # kept, so the patch can be undone
+    cls.__call__, cls._checkpointed = checkpointed, True
+
+
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, max_batches: int = -1) -> float:
+    """Mean loss per weighted token."""
+    total, count = 0.0, 0.0
+    for i, (tokens, weights) in enumerate(batches(examples, batch_size)):
+        if 0 <= max_batches <= i:
+            break
+        loss, n = loss_fn(model, tokens, weights)
+        total += float(loss * n)
+        count += float(n)
+    return total / max(count, 1.0)
+
+
+@dataclass
+class Report:
+    step: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float = 0.0
+    iters_per_sec: float = 0.0
+    tokens_per_sec: float = 0.0
+    peak_memory_gb: float = 0.0
+    trained_tokens: int = 0
+
+
+def train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_set: list[Example],
+    val_set: list[Example] | None,
+    cfg: TrainConfig,
+    save: Callable[[int, bool], None],
+    report: Callable[[Report], None] = lambda r: None,
+    start_step: int = 0,
+) -> float | None:
+    """Train from `start_step` to cfg.iters; `save(step, is_best)` writes a checkpoint. Returns the best val loss."""
+    if cfg.grad_checkpoint:
+        checkpoint_layers(model)
+    mx.random.seed(cfg.seed + start_step)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+    # The same batches in the same order whether or not the run was resumed.
+    data = training_batches(train_set, cfg.batch_size, cfg.seed, skip=start_step * cfg.grad_accumulation)
+    best, stale = math.inf, 0
+    losses, tic, window_tokens, trained = [], time.perf_counter(), 0.0, 0
+    for step in range(start_step + 1, cfg.iters + 1):
+        grads, step_loss, step_tokens = None, mx.array(0.0), mx.array(0.0)
+        for _ in range(cfg.grad_accumulation):
+            tokens, weights = next(data)
+            (loss, n), g = value_and_grad(model, tokens, weights)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            step_loss, step_tokens = step_loss + loss * n, step_tokens + n
+        if cfg.grad_accumulation > 1:
+            grads = tree_map(lambda x: x / cfg.grad_accumulation, grads)
+        if cfg.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        mx.eval(state, step_loss, step_tokens)
+        losses.append(float(step_loss / mx.maximum(step_tokens, 1)))
+        window_tokens += float(step_tokens)
+        trained += int(step_tokens)
+        if step % cfg.steps_per_report == 0 or step == cfg.iters:
+            elapsed = time.perf_counter() - tic
+            report(
+                Report(
+                    step,
+                    train_loss=float(np.mean(losses)),
+                    learning_rate=float(optimizer.learning_rate),
+                    iters_per_sec=len(losses) / elapsed,
+                    tokens_per_sec=window_tokens / elapsed,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    trained_tokens=trained,
+                )
+            )
+            losses, window_tokens, tic = [], 0.0, time.perf_counter()
+        is_best = False
+        if val_set and (step % cfg.steps_per_eval == 0 or step == cfg.iters):
+            val = evaluate(model, val_set, cfg.batch_size, cfg.val_batches)
+            is_best, stale = (True, 0) if val < best else (False, stale + 1)
+            best = min(best, val)
+            report(Report(step, val_loss=val, peak_memory_gb=mx.get_peak_memory() / 1e9))
+            tic = time.perf_counter()  # evaluation time is not training speed
+        if step % cfg.save_every == 0 or step == cfg.iters or is_best:
+            save(step, is_best)
+        if cfg.early_stop and stale >= cfg.early_stop:
+            save(step, False)
+            break
+    return best if best < math.inf else None
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
