@@ -134,6 +134,8 @@ def train(
     # The same batches in the same order whether or not the run was resumed.
     data = training_batches(train_set, cfg.batch_size, cfg.seed, skip=start_step * cfg.grad_accumulation)
     best, stale = math.inf, 0
+    if val_set and start_step == 0:  # where training starts from, for comparison
+        report(Report(0, val_loss=evaluate(model, val_set, cfg.batch_size, cfg.val_batches)))
     losses, tic, window_tokens, trained = [], time.perf_counter(), 0.0, 0
     for step in range(start_step + 1, cfg.iters + 1):
         grads, step_loss, step_tokens = None, mx.array(0.0), mx.array(0.0)

@@ -338,3 +338,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
         cls.__call__, cls._checkpointed = cls._forward, False
     for k in plain:
         np.testing.assert_allclose(np.array(again[k]), np.array(plain[k]), atol=1e-6)
+
+
+def test_long_sequences_are_truncated_with_a_count(base, tmp_path, capsys):
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "a"
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(out), "--iters", "1"]
+    assert lora_main([*argv, "--max-seq-length", "8", "--batch-size", "2", "--num-layers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 8 of 8 train sequences were longer than 8 tokens" in err
+    assert "warning: 2 of 2 valid sequences" in err
+
+
+def test_early_stopping(base, tmp_path):
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "a"
+    # a learning rate of 0 never improves the validation loss: stop after 2 evaluations without progress
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(out), "--iters", "50"]
+    argv += ["--learning-rate", "0", "--steps-per-eval", "1", "--early-stop", "2", "--steps-per-report", "1"]
+    argv += ["--num-layers", "2", "--batch-size", "2"]
+    assert lora_main(argv) == 0
+    steps = [m["step"] for m in metrics(out) if "train_loss" in m]
+    assert max(steps) == 3  # step 1 sets the best, steps 2 and 3 do not beat it

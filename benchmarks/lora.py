@@ -1,0 +1,102 @@
+"""A real LoRA run, mlx_qwen2 beside mlx-lm: same model, data, settings, machine, one script.
+
+    python benchmarks/lora.py [--iters 10] [--batch-size 1] [--num-layers 8] [--quantized]
+
+Fine-tunes the real fixture model (Qwen2.5-Coder-0.5B-Instruct, float32; or mlx-lm's 4-bit
+conversion of it with --quantized, i.e. QLoRA) on examples/lora_data (answer arithmetic as
+<answer>N</answer>), loss on the answers only. Prints validation loss before and after, wall
+time, training tokens/s and peak memory for both tools, each run in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx_lm
+
+from benchmarks.common import ROOT, cache_dir, real_model_folder
+
+DATA = ROOT / "examples" / "lora_data"
+
+
+def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
+    common = ["--model", str(model), "--train", "--data", str(DATA), "--adapter-path", str(out)]
+    common += ["--iters", str(a.iters), "--batch-size", str(a.batch_size), "--num-layers", str(a.num_layers)]
+    common += ["--learning-rate", str(a.learning_rate), "--mask-prompt", "--steps-per-report", str(a.iters)]
+    common += ["--steps-per-eval", str(a.iters), "--save-every", str(a.iters), "--val-batches", "-1", "--seed", "0"]
+    if tool == "mlx_qwen2":
+        # mlx-lm's defaults: Adam, constant learning rate
+        cmd = [sys.executable, "-m", "mlx_qwen2.lora", *common, "--optimizer", "adam", "--no-cosine-decay"]
+        env = None
+    else:
+        cmd = [sys.executable, "-m", "mlx_lm", "lora", *common]
+        env = {**os.environ, "MLX_QWEN2_BLAS": "off"}  # as mlx-lm's users run it
+    tic = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - tic
+    if done.returncode:
+        raise RuntimeError(f"{tool} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    text = done.stdout + done.stderr
+    if tool == "mlx_qwen2":
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        train = [r for r in rows if "train_loss" in r][-1]
+        return {
+            "val_before": vals[0],
+            "val_after": vals[-1],
+            "tokens_per_sec": train["tokens_per_sec"],
+            "peak_gb": train["peak_memory_gb"],
+            "wall_s": wall,
+        }
+    vals = [float(v) for v in re.findall(r"Val loss ([\d.]+)", text)]
+    tps = [float(v) for v in re.findall(r"Tokens/sec ([\d.]+)", text)]
+    peak = [float(v) for v in re.findall(r"Peak mem ([\d.]+) GB", text)]
+    return {
+        "val_before": vals[0],
+        "val_after": vals[-1],
+        "tokens_per_sec": tps[-1],
+        "peak_gb": peak[-1],
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-layers", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--quantized", action="store_true", help="QLoRA on mlx-lm's default 4-bit conversion")
+    p.add_argument("--out", default=str(ROOT / "bench-out" / "lora.json"))
+    a = p.parse_args()
+    model = real_model_folder()
+    if a.quantized:
+        q = cache_dir() / "qwen2.5-coder-0.5b-instruct-mlxlm-4bit-f32src"
+        if not (q / "config.json").is_file():
+            mlx_lm.convert(str(model), str(q), quantize=True, q_bits=4)
+        model = q
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tool in ("mlx_qwen2", "mlx-lm"):
+            results[tool] = run(tool, model, Path(tmp) / tool, a)
+            print(tool, results[tool], flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+    ours, theirs = results["mlx_qwen2"], results["mlx-lm"]
+    kind = "QLoRA (4-bit base)" if a.quantized else "LoRA (float32 base)"
+    print(f"\n{kind}, {a.iters} iterations, batch {a.batch_size}, {a.num_layers} layers, lr {a.learning_rate}\n")
+    print("| | mlx_qwen2 | mlx-lm | ratio |\n|---|---|---|---|")
+    for key in ("val_before", "val_after", "tokens_per_sec", "peak_gb", "wall_s"):
+        print(f"| {key} | {ours[key]:.3f} | {theirs[key]:.3f} | {ours[key] / theirs[key]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
