@@ -117,16 +117,16 @@ def convert(
     With `calibration` (token sequences), quantization is GPTQ instead of round-to-nearest;
     that needs the whole model in memory rather than a few tensors at a time.
     """
-    config = read_config(src)
-    args = ModelArgs.from_dict(config)
-    source_quantized = bool(config.get("quantization"))
+    source = read_config(src)
+    args = ModelArgs.from_dict(source)
+    source_quantized = bool(source.get("quantization"))
     if quantize and source_quantized:
         raise ValueError(f"{src} is already quantized; pass --dequantize first, or convert from the float checkpoint.")
     if dequantize and not source_quantized:
         raise ValueError(f"{src} is not quantized; there is nothing to --dequantize.")
     check_output_dir(out, force)
     weights = Model(args).sanitize(load_weights(src))  # lazy: nothing is read yet
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config = {k: v for k, v in source.items() if k not in ("quantization", "quantization_config")}
     plan = None
     if quantize:
         plan = make_plan(args.num_hidden_layers, args.tie_word_embeddings, bits, group_size, recipe)
@@ -134,11 +134,11 @@ def convert(
         check_divisible(matrices, plan)
         config["quantization"] = config["quantization_config"] = config_block(plan, sorted(matrices))
     elif source_quantized and not dequantize:
-        config["quantization"] = config["quantization_config"] = read_config(src)["quantization"]
+        config["quantization"] = config["quantization_config"] = source["quantization"]
     if dtype:
         config["torch_dtype"] = dtype
     stats = {"bits": 0.0, "params": 0.0}
-    dequantize_with = source_settings(read_config(src)) if dequantize else None
+    dequantize_with = source_settings(source) if dequantize else None
     if calibration is not None and plan is not None:
         model = load_model(src, dtype=getattr(mx, dtype) if dtype else None)
         quantize_gptq(model, calibration, plan, progress=lambda i, n: progress(i, n) if progress else None)
