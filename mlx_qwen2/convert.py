@@ -203,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(label: str) -> Callable[[int, int], None]:
+def _progress(label: str, unit: str = "tensors") -> Callable[[int, int], None]:
     def report(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
-            print(f"{label}: {done}/{total} tensors", file=sys.stderr, flush=True)
+            print(f"{label}: {done}/{total} {unit}", file=sys.stderr, flush=True)
 
     return report
 
@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace) -> Summary:
 
     if args.hf_path:
         src = resolve_path(args.hf_path)
-        progress = _progress("calibrating layers" if args.calibrate else "writing")
+        progress = _progress("GPTQ", "layers") if args.calibrate else _progress("writing")
         return convert(
             src,
             out,
