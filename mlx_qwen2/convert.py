@@ -224,9 +224,9 @@ def _run(args: argparse.Namespace) -> Summary:
         tokenizer = Tokenizer.from_folder(folder)
         return calibration_ids(tokenizer, args.calibration_data, args.calibration_tokens)
 
+    progress = _progress("GPTQ", "layers") if args.calibrate else _progress("writing")
     if args.hf_path:
         src = resolve_path(args.hf_path)
-        progress = _progress("GPTQ", "layers") if args.calibrate else _progress("writing")
         return convert(
             src,
             out,
@@ -247,7 +247,7 @@ def _run(args: argparse.Namespace) -> Summary:
         folder = import_gguf(
             args.gguf, Path(tmp) / "hf", "float32", args.sha256, progress=_progress("dequantizing GGUF")
         )
-        return convert(folder, out, force=args.force, progress=_progress("writing"), **options)
+        return convert(folder, out, force=args.force, progress=progress, calibration=calibration(folder), **options)
 
 
 def convert_summary(folder: Path) -> Summary:

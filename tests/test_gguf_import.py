@@ -43,3 +43,15 @@ def test_key_mapping():
     assert hf_key("output.weight") == "lm_head.weight"
     with pytest.raises(ValueError, match="unexpected tensor"):
         hf_key("blk.0.ssm_conv.weight")
+
+
+def test_gguf_straight_to_quantized(tiny_gguf, tmp_path):
+    """Every convert option applies to a GGUF source too (here: quantize, and calibrate)."""
+    for flags in (["-q", "--q-group-size", "32"], ["--calibrate", "--q-group-size", "32", "--calibration-tokens", "512"]):
+        out = tmp_path / flags[0].strip("-")
+        assert convert_main(["--gguf", str(tiny_gguf), "--mlx-path", str(out), *flags]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["quantization"]["group_size"] == 32
+        model, _ = load(out)
+        assert model.layers[0].mlp.up_proj.bits == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrate", "q"]  # the temporary import is gone
