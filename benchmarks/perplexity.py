@@ -45,7 +45,7 @@ SETTINGS = [
     ("GPTQ 4-bit g64", ["--calibrate"], None),
     ("GPTQ recipe mixed_3_6", ["--calibrate", "--quant-recipe", "mixed_3_6"], None),
 ]
-QUICK = {"4-bit g64", "GPTQ 4-bit g64"}
+QUICK = {"4-bit g64", "GPTQ 4-bit g64", "recipe mixed_3_6", "GPTQ recipe mixed_3_6"}
 
 
 def measure(folder: Path, ids: list[int]) -> dict[str, float]:
@@ -61,7 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens to score")
     p.add_argument("--out", default=str(ROOT / "bench-out" / "perplexity.json"))
-    p.add_argument("--quick", action="store_true", help="only 4-bit g64 and its calibrated version")
+    p.add_argument("--quick", action="store_true", help="only 4-bit g64, mixed_3_6 and their calibrated versions")
     args = p.parse_args()
     src = real_model_folder()
     _, tok = load(src, lazy=True)

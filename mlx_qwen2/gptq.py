@@ -54,9 +54,15 @@ def _grid(w: np.ndarray, bits: int, search: bool = True) -> tuple[np.ndarray, np
 
 
 def gptq(
-    w: np.ndarray, h: np.ndarray, bits: int, group_size: int, damp: float = 0.01, block: int = 128
+    w: np.ndarray, h: np.ndarray, bits: int, group_size: int, damp: float = 0.1, block: int = 128
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize w (out, in) given H (in, in); returns (q ints (out, in), scales, biases (out, in / group))."""
+    """Quantize w (out, in) given H (in, in); returns (q ints (out, in), scales, biases (out, in / group)).
+
+    `damp` adds that fraction of H's mean diagonal to its diagonal. With a few thousand
+    calibration tokens H is poorly conditioned (for down_proj, 4,864 inputs can exceed the
+    token count), and 0.1 generalised better than the usual 0.01: on the real 0.5B model,
+    4-bit g64, held-out perplexity 8.56 vs 8.91 (float 8.15, round-to-nearest 8.88).
+    """
     w = w.astype(np.float32).copy()
     out_dim, in_dim = w.shape
     h = h.astype(np.float64).copy()

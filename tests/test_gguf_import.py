@@ -47,7 +47,10 @@ def test_key_mapping():
 
 def test_gguf_straight_to_quantized(tiny_gguf, tmp_path):
     """Every convert option applies to a GGUF source too (here: quantize, and calibrate)."""
-    for flags in (["-q", "--q-group-size", "32"], ["--calibrate", "--q-group-size", "32", "--calibration-tokens", "512"]):
+    for flags in (
+        ["-q", "--q-group-size", "32"],
+        ["--calibrate", "--q-group-size", "32", "--calibration-tokens", "512"],
+    ):
         out = tmp_path / flags[0].strip("-")
         assert convert_main(["--gguf", str(tiny_gguf), "--mlx-path", str(out), *flags]) == 0
         config = json.loads((out / "config.json").read_text())
