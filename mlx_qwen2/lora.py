@@ -22,6 +22,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import yaml
+
+try:  # optional: a loss-curve PNG when matplotlib is installed (pip install 'mlx_qwen2[plot]')
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import DEFAULT_KEYS, adapter_config, adapter_weights, apply_adapters, load_adapters
@@ -137,6 +145,25 @@ def load_data(cfg: LoraConfig, tokenizer: Any, needed: tuple[str, ...]) -> dict[
     return out
 
 
+def plot_losses(metrics: Path, out: Path) -> bool:
+    """Train and validation loss against step, from metrics.jsonl; False without matplotlib."""
+    if plt is None or not metrics.is_file():
+        return False
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
 def print_report(r: Report, metrics: Path | None) -> None:
     if r.val_loss is not None:
         print(f"step {r.step}: val loss {r.val_loss:.4f}, val ppl {math.exp(r.val_loss):.3f}", file=sys.stderr)
@@ -190,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             start_step=start,
         )
         model.eval()
+        if plot_losses(metrics, folder / "loss.png"):
+            print(f"loss curve: {folder / 'loss.png'}", file=sys.stderr)
     elif cfg.test:
         load_adapters(model, folder)
     if cfg.test:

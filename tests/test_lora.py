@@ -166,6 +166,7 @@ def test_overfits_tiny_dataset(base, tmp_path, capsys):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 3
     assert (out / "adapters.safetensors").is_file() and (out / "best_adapters.safetensors").is_file()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is a test dependency
     # --test with the saved adapters reports a lower loss than the base model
     test = ["--model", str(base), "--test", "--data", str(data), "--mask-prompt"]
     assert lora_main([*test, "--adapter-path", str(out)]) == 0
