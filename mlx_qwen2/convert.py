@@ -109,7 +109,7 @@ def convert(
     dtype: str | None = None,
     dequantize: bool = False,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     calibration: list[list[int]] | None = None,
 ) -> Summary:
     """Write `src` (a Hugging Face or MLX folder) to `out`, cast and optionally (de)quantized, streaming.
@@ -141,13 +141,22 @@ def convert(
     dequantize_with = source_settings(source) if dequantize else None
     if calibration is not None and plan is not None:
         model = load_model(src, dtype=getattr(mx, dtype) if dtype else None)
-        quantize_gptq(model, calibration, plan, progress=lambda i, n: progress(i, n) if progress else None)
+        quantize_gptq(
+            model, calibration, plan, progress=lambda i, n: progress("GPTQ layers", i, n) if progress else None
+        )
         weights, plan = weights_of(model), None  # already quantized: written as they are
         stats = {"bits": bits_per_weight(model), "params": 1.0}
     tensors = converted(weights, plan, getattr(mx, dtype) if dtype else None, dequantize_with, stats)
     packed = sum(k.endswith(".scales") for k in weights)
     total = len(weights) + 2 * sum(quantizable_key(k) for k in weights) * bool(plan) - 2 * packed * dequantize
-    write_model_folder(out, tensors, config, src, force, progress=(lambda n: progress(n, total)) if progress else None)
+    write_model_folder(
+        out,
+        tensors,
+        config,
+        src,
+        force,
+        progress=(lambda n: progress("writing tensors", n, total)) if progress else None,
+    )
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return Summary(out, stats["bits"] / max(stats["params"], 1), size)
 
@@ -203,12 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(label: str, unit: str = "tensors") -> Callable[[int, int], None]:
-    def report(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            print(f"{label}: {done}/{total} {unit}", file=sys.stderr, flush=True)
-
-    return report
+def _progress(stage: str, done: int, total: int) -> None:
+    if done == total or done % max(1, total // 10) == 0:
+        print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> Summary:
@@ -224,7 +230,6 @@ def _run(args: argparse.Namespace) -> Summary:
         tokenizer = Tokenizer.from_folder(folder)
         return calibration_ids(tokenizer, args.calibration_data, args.calibration_tokens)
 
-    progress = _progress("GPTQ", "layers") if args.calibrate else _progress("writing")
     if args.hf_path:
         src = resolve_path(args.hf_path)
         return convert(
@@ -232,22 +237,33 @@ def _run(args: argparse.Namespace) -> Summary:
             out,
             dequantize=args.dequantize,
             force=args.force,
-            progress=progress,
+            progress=_progress,
             calibration=calibration(src),
             **options,
         )
     if args.dequantize:
         raise ValueError("--dequantize applies to a quantized MLX folder (--hf-path), not to a GGUF.")
     if not quantize and args.dtype in (None, "float32", "float16"):
-        import_gguf(args.gguf, out, args.dtype or "float32", args.sha256, args.force, _progress("dequantizing GGUF"))
+        import_gguf(
+            args.gguf,
+            out,
+            args.dtype or "float32",
+            args.sha256,
+            args.force,
+            lambda i, n: _progress("dequantizing GGUF tensors", i, n),
+        )
         return convert_summary(out)
     check_output_dir(out, args.force)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-", dir=out.parent) as tmp:
         folder = import_gguf(
-            args.gguf, Path(tmp) / "hf", "float32", args.sha256, progress=_progress("dequantizing GGUF")
+            args.gguf,
+            Path(tmp) / "hf",
+            "float32",
+            args.sha256,
+            progress=lambda i, n: _progress("dequantizing GGUF tensors", i, n),
         )
-        return convert(folder, out, force=args.force, progress=progress, calibration=calibration(folder), **options)
+        return convert(folder, out, force=args.force, progress=_progress, calibration=calibration(folder), **options)
 
 
 def convert_summary(folder: Path) -> Summary:

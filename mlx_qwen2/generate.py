@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap the prompt in the model's chat template (default: when the model has one)",
     )
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="compute dtype")
+    p.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the fastest layers for this device (on CPU: float32 scales for quantized models, which costs memory)",
+    )
     p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapters to apply (a folder from mlx_qwen2.lora)")
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="print statistics")
     add_dataclass_args(p, GenerationConfig)
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     config = from_args(GenerationConfig, args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, tokenizer = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
+    model, tokenizer = load(args.model, dtype=dtype, adapter_path=args.adapter_path, fast=args.fast)
     ids = prompt_ids(tokenizer, prompt, args.system, args.chat_template)
     last = None
     for last in stream_generate(model, tokenizer, ids, config=config):

@@ -61,11 +61,12 @@ def loss_fn(model: nn.Module, tokens: mx.array, weights: mx.array) -> tuple[mx.a
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     """The optimizer with its schedule: linear warmup, then constant or cosine decay to 10% of the peak."""
     peak = cfg.learning_rate
-    schedule: Callable = lambda _: peak
+    schedule: Callable | float = peak
     if cfg.cosine_decay:
         schedule = optim.cosine_decay(peak, max(cfg.iters - cfg.warmup, 1), peak * 0.1)
     if cfg.warmup:
-        schedule = optim.join_schedules([optim.linear_schedule(0.0, peak, cfg.warmup), schedule], [cfg.warmup])
+        after = schedule if callable(schedule) else optim.linear_schedule(peak, peak, 1)  # constant
+        schedule = optim.join_schedules([optim.linear_schedule(0.0, peak, cfg.warmup), after], [cfg.warmup])
     if cfg.optimizer == "adamw":
         return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

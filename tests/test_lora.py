@@ -361,3 +361,18 @@ def test_early_stopping(base, tmp_path):
     assert lora_main(argv) == 0
     steps = [m["step"] for m in metrics(out) if "train_loss" in m]
     assert max(steps) == 3  # step 1 sets the best, steps 2 and 3 do not beat it
+
+
+@pytest.mark.parametrize(
+    "flags", [["--no-cosine-decay"], ["--no-cosine-decay", "--warmup", "2"], ["--optimizer", "sgd"]]
+)
+def test_schedules_and_optimizers(base, tmp_path, flags):
+    data = write_data(tmp_path / "data")
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(tmp_path / "a")]
+    argv += ["--iters", "4", "--num-layers", "1", "--steps-per-report", "1", "--learning-rate", "1e-3", *flags]
+    assert lora_main(argv) == 0
+    rates = [m["learning_rate"] for m in metrics(tmp_path / "a") if "learning_rate" in m and "train_loss" in m]
+    if "--warmup" in flags:
+        assert rates[0] < rates[-2] == pytest.approx(1e-3) == rates[-1]  # warms up, then stays
+    elif "--no-cosine-decay" in flags:
+        assert rates == pytest.approx([1e-3] * 4)
