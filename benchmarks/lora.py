@@ -31,7 +31,16 @@ def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
     common = ["--model", str(model), "--train", "--data", str(DATA), "--adapter-path", str(out)]
     common += ["--iters", str(a.iters), "--batch-size", str(a.batch_size), "--num-layers", str(a.num_layers)]
     common += ["--learning-rate", str(a.learning_rate), "--mask-prompt", "--steps-per-report", str(a.iters)]
-    common += ["--steps-per-eval", str(a.iters), "--save-every", str(a.iters), "--val-batches", "-1", "--seed", "0"]
+    common += [
+        "--steps-per-eval",
+        str(a.iters),
+        "--save-every",
+        str(a.iters),
+        "--val-batches",
+        str(a.val_batches),
+        "--seed",
+        "0",
+    ]
     if tool == "mlx_qwen2":
         # mlx-lm's defaults: Adam, constant learning rate
         cmd = [sys.executable, "-m", "mlx_qwen2.lora", *common, "--optimizer", "adam", "--no-cosine-decay"]
@@ -73,7 +82,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--val-batches", type=int, default=8, help="validation batches (mlx-lm's CPU forward is slow)")
     p.add_argument("--quantized", action="store_true", help="QLoRA on mlx-lm's default 4-bit conversion")
     p.add_argument("--out", default=str(ROOT / "bench-out" / "lora.json"))
     a = p.parse_args()

@@ -18,15 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-DEFAULT_KEYS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+from .model import PROJECTIONS
+
+DEFAULT_KEYS = PROJECTIONS
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
 

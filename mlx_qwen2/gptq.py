@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .model import Model
+from .model import PROJECTIONS, Model
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -123,17 +123,6 @@ def _quantized_linear(linear: nn.Linear, h: np.ndarray, settings: dict[str, Any]
     return layer
 
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-
 def _get(module: nn.Module, dotted: str) -> nn.Module:
     for part in dotted.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)  # layers are a list
@@ -177,7 +166,7 @@ def quantize_gptq(
     quantized: dict[str, nn.Module] = {}
     n_layers = len(model.layers)
     for i, layer in enumerate(model.layers):
-        captures = {name: _Capture(_get(layer, name)) for name in LINEARS}
+        captures = {name: _Capture(_get(layer, name)) for name in PROJECTIONS}
         for name, cap in captures.items():
             _set(layer, name, cap)
         for h in hidden:

@@ -23,6 +23,16 @@ class Cache(Protocol):
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+# The Linear layers of a decoder layer, by their path inside it.
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @dataclass
