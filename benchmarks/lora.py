@@ -54,6 +54,9 @@ def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
     if done.returncode:
         raise RuntimeError(f"{tool} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     text = done.stdout + done.stderr
+    log = Path(a.out).with_name(f"lora-{tool}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(text)  # the tool's own report, kept for reading
     if tool == "mlx_qwen2":
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         vals = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -65,7 +68,9 @@ def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
             "peak_gb": train["peak_memory_gb"],
             "wall_s": wall,
         }
-    vals = [float(v) for v in re.findall(r"Val loss ([\d.]+)", text)]
+    vals = [float(v) for v in re.findall(r"Val loss ([\d.]+)", text, re.IGNORECASE)]
+    if not vals:
+        raise RuntimeError(f"no validation loss found in mlx-lm's output; see {log}")
     tps = [float(v) for v in re.findall(r"Tokens/sec ([\d.]+)", text)]
     peak = [float(v) for v in re.findall(r"Peak mem ([\d.]+) GB", text)]
     return {
