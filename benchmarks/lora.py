@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,31 @@ import mlx_lm
 from benchmarks.common import ROOT, cache_dir, real_model_folder
 
 DATA = ROOT / "examples" / "lora_data"
+# mlx-lm's CLI prints a rich-text table without peak memory; its Python entry point takes a callback
+# that receives the same figures it computes, which this driver prints as JSON lines.
+MLX_LM_DRIVER = """
+import json, sys, types
+from mlx_lm import lora
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+class Report(TrainingCallback):
+    def on_train_loss_report(self, info):
+        print("MLXLM_REPORT", json.dumps({k: float(v) for k, v in info.items()}), flush=True)
+
+    def on_val_loss_report(self, info):
+        print("MLXLM_REPORT", json.dumps({k: float(v) for k, v in info.items()}), flush=True)
+
+args = vars(lora.build_parser().parse_args(sys.argv[1:]))
+for k, v in lora.CONFIG_DEFAULTS.items():
+    if args.get(k) is None:
+        args[k] = v
+args = types.SimpleNamespace(**args)
+# lora.run() would replace our callback with its own; this is the rest of what it does.
+lora.np.random.seed(args.seed)
+model, tokenizer = lora.load(args.model, tokenizer_config={"trust_remote_code": False})
+train_set, valid_set, _ = lora.load_dataset(args, tokenizer)
+lora.train_model(args, model, train_set, valid_set, Report())
+"""
 
 
 def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
@@ -46,7 +70,7 @@ def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "mlx_qwen2.lora", *common, "--optimizer", "adam", "--no-cosine-decay"]
         env = None
     else:
-        cmd = [sys.executable, "-m", "mlx_lm", "lora", *common]
+        cmd = [sys.executable, "-c", MLX_LM_DRIVER, *common]
         env = {**os.environ, "MLX_QWEN2_BLAS": "off"}  # as mlx-lm's users run it
     tic = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -68,16 +92,16 @@ def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
             "peak_gb": train["peak_memory_gb"],
             "wall_s": wall,
         }
-    vals = [float(v) for v in re.findall(r"Val loss ([\d.]+)", text, re.IGNORECASE)]
-    if not vals:
-        raise RuntimeError(f"no validation loss found in mlx-lm's output; see {log}")
-    tps = [float(v) for v in re.findall(r"Tokens/sec ([\d.]+)", text)]
-    peak = [float(v) for v in re.findall(r"Peak mem ([\d.]+) GB", text)]
+    reports = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("MLXLM_REPORT ")]
+    vals = [r["val_loss"] for r in reports if "val_loss" in r]
+    train = [r for r in reports if "train_loss" in r]
+    if not vals or not train:
+        raise RuntimeError(f"no reports found in mlx-lm's output; see {log}")
     return {
         "val_before": vals[0],
         "val_after": vals[-1],
-        "tokens_per_sec": tps[-1],
-        "peak_gb": peak[-1],
+        "tokens_per_sec": train[-1]["tokens_per_second"],
+        "peak_gb": train[-1]["peak_memory"],
         "wall_s": wall,
     }
 
