@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .model import PROJECTIONS, Model
+from .quantize import dequantized
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -134,16 +135,6 @@ def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
     setattr(_get(module, parent) if parent else module, name, value)
 
 
-def _dequantized(q: nn.QuantizedLinear) -> nn.Linear:
-    """A float Linear computing what `q` computes (MLX's CPU quantized matmul is slow on many tokens)."""
-    w = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
-    linear = nn.Linear(w.shape[1], w.shape[0], bias="bias" in q)
-    linear.weight = w
-    if "bias" in q:
-        linear.bias = q.bias
-    return linear
-
-
 def _quantized_head(head: nn.Module, h: np.ndarray, settings: dict[str, Any]) -> nn.Module:
     """The output layer (lm_head, or the tied embedding) quantized with GPTQ on the final hidden states."""
     bits, group_size = settings["bits"], settings["group_size"]
@@ -174,7 +165,7 @@ def quantize_gptq(
         for name, cap in captures.items():
             path = f"model.layers.{i}.{name}"
             quantized[path] = _quantized_linear(cap.inner, cap.h, plan(path))
-            _set(layer, name, _dequantized(quantized[path]))
+            _set(layer, name, dequantized(quantized[path]))  # float: fast for many tokens on CPU
         hidden = [layer(h, "causal", None) for h in hidden]  # what the next layer sees, from quantized weights
         mx.eval(hidden)
         if progress:

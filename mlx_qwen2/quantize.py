@@ -107,21 +107,26 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, recipe
     return config_block(plan, sorted(shapes))
 
 
+def dequantized(module: nn.Module) -> nn.Module:
+    """A float Linear or Embedding holding the dequantized weights of a quantized one (same function)."""
+    w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+    if isinstance(module, nn.QuantizedEmbedding):
+        layer = nn.Embedding(*w.shape)
+    else:
+        layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+        if "bias" in module:
+            layer.bias = module.bias
+    layer.weight = w
+    return layer
+
+
 def dequantize_model(model: nn.Module) -> None:
     """Replace quantized layers by float ones holding the dequantized weights, in place."""
-    replacements = []
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
-            if isinstance(module, nn.QuantizedLinear):
-                out_dims, in_dims = w.shape
-                layer = nn.Linear(in_dims, out_dims, bias="bias" in module)
-                if "bias" in module:
-                    layer.bias = module.bias
-            else:
-                layer = nn.Embedding(*w.shape)
-            layer.weight = w
-            replacements.append((path, layer))
+    replacements = [
+        (path, dequantized(m))
+        for path, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    ]
     if replacements:
         model.update_modules(tree_unflatten(replacements))
 
