@@ -1,56 +1,187 @@
 """Faster layers for a backend, chosen at load time; each computes what the layer it replaces computes.
 
-MLX's CPU backend has no fast kernel for a quantized matrix times many tokens
-(prefill): dequantizing the matrix and using the float matmul (BLAS) is ~10x
-faster with float32 scales and ~150x with bfloat16 ones. Its quantized
-matrix-vector product (decode) is ~10x faster with float32 scales than with
-bfloat16 ones. GPUs (Metal, CUDA) have fast quantized kernels for both, so
-there nothing is swapped. Knows nothing of files.
+MLX's CPU backend is slow wherever a product's operands are all 16-bit
+floats: its bfloat16 and float16 matmuls do not use BLAS, and its quantized
+product with bfloat16 scales (mlx-lm's default) and bfloat16 activations is
+~10x slower than with a float32 input, which MLX computes in float32 whatever
+the scales' dtype. Its quantized kernel for many tokens (prefill) is also far
+slower than dequantizing the matrix and using the float32 BLAS matmul. So on
+CPU, quantized layers and 16-bit float layers compute in float32:
+
+- up to SMALL tokens (decode), the quantized product with a float32 input
+  (16-bit float layers keep MLX's own product: no faster one is known);
+- more tokens, a float32 copy of the matrix (dequantized, or upcast) times
+  the input, through BLAS;
+
+and round the result back to the activations' dtype. Both work on row
+blocks of the matrix, each waiting for the previous block's product
+(`mx.depends`), so only a block or two of float32 copies exist at a time,
+never a whole matrix. The backward pass (training on a quantized or 16-bit
+base) recomputes the copies block by block instead of keeping them.
+Weights, scales and biases stay as stored: nothing is added at rest.
+
+GPUs (Metal, CUDA) have fast kernels for all of these, so there nothing is
+swapped. Knows nothing of files.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+
+SMALL = 4  # tokens; above this, the float32 copy of the matrix is faster on CPU
+COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
+PRODUCT_BLOCK = 1 << 24  # weights per block of a quantized product (its float32 scales: 2 MB at group 64)
+F32 = mx.float32
+
+Dense = Callable[..., mx.array]  # (weight block, *its scales and biases) -> float32 matrix block
 
 
 def _tokens(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
 
+def _row_blocks(rows: int, row_size: int, budget: int) -> list[slice]:
+    step = max(1, budget // row_size)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _in_turn(blocks: list[slice], params: tuple[mx.array, ...], first: mx.array, step: Callable) -> list[mx.array]:
+    """`step(block, *params[block])` for each row block, each only after the previous one's result."""
+    results, previous = [], first
+    for part in blocks:
+        previous = step(part, *mx.depends([p[part] for p in params], previous))
+        results.append(previous)
+    return results
+
+
+def _forward(x: mx.array, params: tuple[mx.array, ...], in_dims: int, dense: Dense, small: Callable | None) -> mx.array:
+    x32 = x.astype(F32)
+    rows = params[0].shape[0]
+    if small is not None and _tokens(x) <= SMALL:
+        blocks = _row_blocks(rows, in_dims, PRODUCT_BLOCK)
+        parts = _in_turn(blocks, params, x32, lambda _, *p: small(x32, *p))
+    else:
+        blocks = _row_blocks(rows, in_dims, COPY_BLOCK)
+        parts = _in_turn(blocks, params, x32, lambda _, *p: x32 @ dense(*p).T)
+    y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    return y.astype(x.dtype)
+
+
+def _input_grad(x: mx.array, params: tuple[mx.array, ...], in_dims: int, dense: Dense, cotangent: mx.array) -> mx.array:
+    """cotangent @ W, one row block of W at a time, summed."""
+    c32 = cotangent.astype(F32)
+    blocks = _row_blocks(params[0].shape[0], in_dims, COPY_BLOCK)
+    total = mx.zeros(x.shape, F32)
+
+    def step(part: slice, *p: mx.array) -> mx.array:
+        nonlocal total
+        total = total + c32[..., part] @ dense(*p)
+        return total
+
+    _in_turn(blocks, params, c32, step)
+    return total.astype(x.dtype)
+
+
+@functools.cache
+def quantized_product(group_size: int, bits: int) -> Callable[..., mx.array]:
+    """(x, weight, scales, biases) -> x @ W.T for a quantized W, computed as described above."""
+
+    def dense(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        return mx.dequantize(w, scales.astype(F32), biases.astype(F32), group_size=group_size, bits=bits)
+
+    def small(x32: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        return mx.quantized_matmul(x32, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+    @mx.custom_function
+    def product(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        return _forward(x, (w, scales, biases), scales.shape[-1] * group_size, dense, small)
+
+    @product.vjp
+    def product_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        x, w, scales, biases = primals
+        dx = _input_grad(x, (w, scales, biases), scales.shape[-1] * group_size, dense, cotangent)
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)  # quantized: not trainable
+
+    return product
+
+
+@mx.custom_function
+def upcast_product(x: mx.array, w: mx.array) -> mx.array:
+    """x @ W.T for a 16-bit float W, computed in float32 as described above (the weight is trainable)."""
+    return _forward(x, (w,), w.shape[-1], lambda b: b.astype(F32), None)
+
+
+@upcast_product.vjp
+def _upcast_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+    x, w = primals
+    dx = _input_grad(x, (w,), w.shape[-1], lambda b: b.astype(F32), cotangent)
+    c32, x32 = cotangent.astype(F32), x.astype(F32)
+    dw = c32.reshape(-1, c32.shape[-1]).T @ x32.reshape(-1, x32.shape[-1])
+    return dx, dw.astype(w.dtype)
+
+
+def _is_16_bit(x: mx.array) -> bool:
+    return x.dtype in (mx.float16, mx.bfloat16)
+
+
 class DequantizingLinear(nn.QuantizedLinear):
-    """A QuantizedLinear that multiplies many tokens through the dequantized float matrix."""
+    """A QuantizedLinear computed in float32 (see above)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if _tokens(x) == 1:
-            return super().__call__(x)
-        w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)  # (out, in)
-        y = x @ w.T
+        y = quantized_product(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
         return y + self.bias if "bias" in self else y
 
 
 class DequantizingEmbedding(nn.QuantizedEmbedding):
-    """A QuantizedEmbedding whose use as the output layer (tied models) dequantizes for many tokens."""
+    """A QuantizedEmbedding whose use as the output layer (tied models) is computed in float32."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if _tokens(x) == 1:
+        return quantized_product(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
+
+
+class UpcastingLinear(nn.Linear):
+    """A 16-bit float Linear whose products over many tokens are computed in float32 (see above)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _tokens(x) <= SMALL or not _is_16_bit(self.weight):
+            return super().__call__(x)
+        y = upcast_product(x, self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+class UpcastingEmbedding(nn.Embedding):
+    """A 16-bit float Embedding whose use as the output layer (tied models) is computed like UpcastingLinear's."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if _tokens(x) <= SMALL or not _is_16_bit(self.weight):
             return super().as_linear(x)
-        return x @ mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits).T
+        return upcast_product(x, self.weight)
 
 
-_SWAPS = {nn.QuantizedLinear: DequantizingLinear, nn.QuantizedEmbedding: DequantizingEmbedding}
+_SWAPS = {
+    nn.QuantizedLinear: DequantizingLinear,
+    nn.QuantizedEmbedding: DequantizingEmbedding,
+    nn.Linear: UpcastingLinear,
+    nn.Embedding: UpcastingEmbedding,
+}
 
 
 def _swap(module: nn.Module) -> nn.Module:
     fast = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
     fast.__dict__.update(module.__dict__)  # settings: group_size, bits, frozen state
     dict.update(fast, module)  # parameters (a Module is a dict of them): same keys, so saving is unchanged
-    # float32 scales and biases: exact for float16/bfloat16 ones, and much faster on CPU
-    for name in ("scales", "biases"):
-        if module[name].dtype in (mx.float16, mx.bfloat16):
-            fast[name] = module[name].astype(mx.float32)
     return fast
+
+
+def _wanted(module: nn.Module) -> bool:
+    if type(module) in (nn.Linear, nn.Embedding):
+        return _is_16_bit(module.weight)
+    return type(module) in _SWAPS
 
 
 def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
@@ -58,7 +189,7 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
     device = device or mx.default_device()
     if device.type != mx.cpu:
         return 0
-    swaps = [(path, _swap(m)) for path, m in model.named_modules() if type(m) in _SWAPS]
+    swaps = [(path, _swap(m)) for path, m in model.named_modules() if _wanted(m)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="use the fastest layers for this device (on CPU: float32 scales for quantized models, which costs memory)",
+        help="use the fastest layers for this device (on CPU, for quantized models: float32 products, dequantized prefill)",
     )
     p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapters to apply (a folder from mlx_qwen2.lora)")
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="print statistics")

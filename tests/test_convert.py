@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_qwen2 import fast as fast_layers
 from mlx_qwen2.checkpoint import save_weights
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load, load_model
@@ -137,8 +138,11 @@ def test_requantizing_refused(src, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fast_layers_compute_the_same_function(src, tmp_path, dtype):
-    """The CPU fast path (dequantize for many tokens, float32 scales) against MLX's own quantized layers."""
+@pytest.mark.parametrize("block", [1 << 20, 1000])  # whole matrices, and row blocks of ~1000 weights
+def test_fast_layers_compute_the_same_function(src, tmp_path, dtype, block, monkeypatch):
+    """The CPU fast paths (dequantize for many tokens, float32 products, row blocks) against MLX's own layers."""
+    monkeypatch.setattr(fast_layers, "COPY_BLOCK", block)
+    monkeypatch.setattr(fast_layers, "PRODUCT_BLOCK", block)
     out = tmp_path / "q"
     assert (
         convert_main(["--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-group-size", "32", "--dtype", dtype])
@@ -147,9 +151,9 @@ def test_fast_layers_compute_the_same_function(src, tmp_path, dtype):
     plain, _ = load(out, fast=False)
     fast, _ = load(out)
     assert type(fast.layers[0].mlp.up_proj).__name__ == "DequantizingLinear"
-    assert fast.layers[0].mlp.up_proj.scales.dtype == mx.float32
+    assert fast.layers[0].mlp.up_proj.scales.dtype == plain.layers[0].mlp.up_proj.scales.dtype  # nothing added
     assert type(plain.layers[0].mlp.up_proj) is nn.QuantizedLinear
-    for ids in (IDS, [IDS[0][:1]]):  # many tokens, and one
+    for ids in (IDS, [IDS[0][:1]], [IDS[0][: fast_layers.SMALL + 1]]):  # many tokens, one, just over SMALL
         a, b = np.array(fast(mx.array(ids)).astype(mx.float32)), np.array(plain(mx.array(ids)).astype(mx.float32))
         tol = 1e-4 if dtype == "float32" else 0.05 * np.abs(b).max()  # bfloat16 rounds at ~1e-2 relative
         np.testing.assert_allclose(a, b, atol=tol)

@@ -118,6 +118,22 @@ def test_gradients_match_finite_differences(base, dora):
         assert abs(fd - g.reshape(-1)[flat_index]) <= 0.02 * abs(fd) + 1e-4, (name, fd, g.reshape(-1)[flat_index])
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_quantized_base_gradients_match_mlx_layers(qbase, dora):
+    """QLoRA through the CPU fast layers (custom backward, blocks) gives MLX's own layers' gradients."""
+    grads = []
+    for fast in (True, False):
+        model, _ = load(qbase, fast=fast)
+        mx.random.seed(0)  # the same lora_a
+        apply_adapters(model, 3, rank=4, dora=dora)
+        perturb(model, seed=2)
+        grads.append(dict(tree_flatten(nn.value_and_grad(model, _loss)(model, IDS)[1])))
+    assert type(model.layers[0].mlp.up_proj.linear) is nn.QuantizedLinear  # the fast=False run
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 3 * 7 * 2
+    for key, g in grads[0].items():
+        np.testing.assert_allclose(np.array(g), np.array(grads[1][key]), atol=1e-5, rtol=1e-3, err_msg=key)
+
+
 def _delta_with(layer, name, value):
     a = mx.array(value) if name == "lora_a" else layer.lora_a
     b = mx.array(value) if name == "lora_b" else layer.lora_b

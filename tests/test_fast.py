@@ -1,0 +1,85 @@
+"""The CPU fast layers (fast.py) against MLX's own: outputs, gradients, and blocks of every size."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_qwen2 import fast
+from mlx_qwen2.fast import use_fast_layers
+
+
+def _pair(quantized: bool, dtype: mx.Dtype) -> tuple[nn.Module, nn.Module]:
+    """(MLX's layer, our swapped copy) sharing the same parameters."""
+    mx.random.seed(0)
+    layer = nn.Linear(128, 96, bias=True)
+    layer.set_dtype(dtype)
+    if quantized:
+        layer = nn.QuantizedLinear.from_linear(layer, group_size=32, bits=4)
+    holder = nn.Module()
+    holder.layer = layer
+    swapped = nn.Module()
+    swapped.layer = layer
+    assert use_fast_layers(swapped, mx.Device(mx.cpu)) == 1
+    assert type(swapped.layer) is not type(layer)
+    return layer, swapped.layer
+
+
+def _dense(layer: nn.Module) -> np.ndarray:
+    if isinstance(layer, nn.QuantizedLinear):
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    else:
+        w = layer.weight
+    return np.array(w.astype(mx.float32), dtype=np.float64)
+
+
+def _close(a: mx.array, b: mx.array | np.ndarray, dtype: mx.Dtype) -> None:
+    a, b = np.array(a.astype(mx.float32)), np.asarray(b if isinstance(b, np.ndarray) else b.astype(mx.float32))
+    tol = 1e-4 if dtype == mx.float32 else 2**-7 * max(np.abs(b).max(), 1.0)  # one 16-bit rounding
+    np.testing.assert_allclose(a, b, atol=tol)
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["quantized", "16-bit"])
+@pytest.mark.parametrize("tokens", [1, fast.SMALL, fast.SMALL + 1, 37])
+@pytest.mark.parametrize("block", [1 << 20, 200])  # whole matrix, and row blocks of one or two rows
+def test_outputs_and_input_gradients_match(quantized, tokens, block, monkeypatch):
+    """Against the exact product of the same (dequantized) matrix, in float64: within one bfloat16 rounding.
+
+    (MLX's own bfloat16 quantized product is further off: it accumulates in bfloat16.)"""
+    monkeypatch.setattr(fast, "COPY_BLOCK", block)
+    monkeypatch.setattr(fast, "PRODUCT_BLOCK", block)
+    dtype = mx.bfloat16
+    theirs, ours = _pair(quantized, dtype)
+    w = _dense(theirs)
+    x = mx.random.normal((2, tokens, 128)).astype(dtype)
+    x64 = np.array(x.astype(mx.float32), dtype=np.float64)
+    y = ours(x)
+    assert y.dtype == theirs(x).dtype == dtype
+    _close(y, x64 @ w.T + np.array(ours.bias.astype(mx.float32)), dtype)
+    c = mx.random.normal((2, tokens, 96))
+    gx = mx.grad(lambda x: (ours(x).astype(mx.float32) * c).sum())(x)
+    _close(gx, np.array(c, dtype=np.float64) @ w, dtype)
+
+
+def test_weight_gradient_of_a_16_bit_layer_matches():
+    """Full fine-tuning trains the weights of an upcast layer: its weight gradient is MLX's."""
+    theirs, ours = _pair(False, mx.float16)
+    x = mx.random.normal((3, 9, 128)).astype(mx.float16)
+
+    def grads(layer: nn.Module) -> dict:
+        return nn.value_and_grad(layer, lambda x: layer(x).astype(mx.float32).square().sum())(x)[1]
+
+    g_ours, g_theirs = grads(ours), grads(theirs)
+    for name in ("weight", "bias"):
+        _close(g_ours[name], g_theirs[name], mx.float16)  # 16-bit gradients: equal up to one rounding
+
+
+def test_float32_layers_and_gpus_are_left_alone():
+    m = nn.Module()
+    m.a = nn.Linear(8, 8)  # float32: BLAS already
+    assert use_fast_layers(m, mx.Device(mx.cpu)) == 0
+    m.b = nn.QuantizedLinear(64, 64, group_size=32, bits=4)
+    assert use_fast_layers(m, mx.Device(mx.gpu)) == 0
+    assert use_fast_layers(m, mx.Device(mx.cpu)) == 1
