@@ -1,6 +1,6 @@
 """One generation measurement in a fresh process (so memory counters and BLAS choice are clean).
 
-    python -m benchmarks.gen_worker --tool mlx_qwen2|mlx-lm --model DIR --ids FILE --gen-tokens N
+    python -m benchmarks.gen_worker --tool mlx_qwen2|mlx-lm --model DIR --ids FILE --gen-tokens N [--dtype D]
 
 Prints one JSON line: load_s, ttft_s, prefill_tps, decode_tps, decode_tokens, peak_gb (MLX), rss_gb.
 Both tools are driven the same way: their own `load` and their own `generate_step`, greedy.
@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--ids", required=True, help="JSON file with the prompt token ids")
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--decode-seconds", type=float, default=120.0, help="stop decoding after this long")
+    p.add_argument("--dtype", default=None, help="mlx_qwen2 only: compute dtype (e.g. float32 for bfloat16 weights)")
     args = p.parse_args()
     with open(args.ids) as f:
         ids = json.load(f)
@@ -34,7 +35,7 @@ def main() -> None:
         from mlx_qwen2.generation import generate_step
         from mlx_qwen2.sample import greedy
 
-        model, _ = mlx_qwen2.load(args.model)
+        model, _ = mlx_qwen2.load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
         steps = generate_step(mx.array(ids), model, make_cache(len(model.layers)), greedy)
     else:
         import mlx.core as mx

@@ -5,7 +5,8 @@
 Models come from the real fixture (Qwen2.5-Coder-0.5B-Instruct): float32 (imported from its GGUF),
 bfloat16 (cast, as hub checkpoints ship), and 8-bit / 4-bit made by mlx-lm's own converter from the
 bfloat16 folder with its defaults (group 64, bfloat16 scales), i.e. the quantized models mlx-lm users
-have. Each measurement runs in a fresh process (benchmarks/gen_worker.py); a run that exceeds
+have. `bfloat16-f32` is the bfloat16 folder with mlx_qwen2 computing in float32 (`--dtype float32`:
+faster on CPU, twice the weight memory) beside mlx-lm on the same folder as its users run it. Each measurement runs in a fresh process (benchmarks/gen_worker.py); a run that exceeds
 --timeout is reported as a bound. Prints a markdown table and writes JSON with every round.
 """
 
@@ -41,7 +42,7 @@ def model_folders(names: list[str]) -> dict[str, Path]:
     bf16 = cache_dir() / "qwen2.5-coder-0.5b-instruct-bf16"
     if not (bf16 / "config.json").is_file():
         assert convert_main(["--hf-path", str(f32), "--mlx-path", str(bf16), "--dtype", "bfloat16", "--force"]) == 0
-    folders["bfloat16"] = bf16
+    folders["bfloat16"] = folders["bfloat16-f32"] = bf16
     for bits in (8, 4):
         out = cache_dir() / f"qwen2.5-coder-0.5b-instruct-mlxlm-{bits}bit"
         if f"{bits}bit" in names and not (out / "config.json").is_file():
@@ -50,8 +51,10 @@ def model_folders(names: list[str]) -> dict[str, Path]:
     return {k: v for k, v in folders.items() if k in names}
 
 
-def run_worker(tool: str, folder: Path, ids_file: Path, gen_tokens: int, timeout: float) -> dict | None:
+def run_worker(tool: str, folder: Path, ids_file: Path, gen_tokens: int, timeout: float, f32: bool) -> dict | None:
     cmd = [sys.executable, "-m", "benchmarks.gen_worker", "--tool", tool, "--model", str(folder)]
+    if f32 and tool == "mlx_qwen2":
+        cmd += ["--dtype", "float32"]
     cmd += ["--ids", str(ids_file), "--gen-tokens", str(gen_tokens), "--decode-seconds", str(timeout / 3)]
     # mlx-lm runs as its users run it: on the BLAS MLX ships with (benchmarks/__init__ would preload OpenBLAS).
     env = {**os.environ, "MLX_QWEN2_BLAS": "off"} if tool == "mlx-lm" else None
@@ -69,7 +72,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--models", nargs="+", default=["float32", "bfloat16", "8bit", "4bit"])
+    p.add_argument("--models", nargs="+", default=["float32", "bfloat16", "bfloat16-f32", "8bit", "4bit"])
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
     p.add_argument("--out", default=str(ROOT / "bench-out" / "generation.json"))
     args = p.parse_args()
@@ -88,7 +91,8 @@ def main() -> None:
                     for tool in TOOLS:
                         if runs[tool] and runs[tool][-1] is None:
                             continue  # timed out once: do not spend the time again
-                        res = run_worker(tool, folder, ids_file, args.gen_tokens, args.timeout)
+                        f32 = name.endswith("-f32")
+                        res = run_worker(tool, folder, ids_file, args.gen_tokens, args.timeout, f32)
                         runs[tool].append(res)
                         print(f"{key} round {r + 1} {tool}: {res}", flush=True)
                 results[key] = runs

@@ -1,6 +1,6 @@
 """Perplexity of converted models on held-out text, ours beside mlx-lm's, in one run.
 
-    python benchmarks/perplexity.py [--tokens 2048] [--out bench-out/perplexity.json] [--quick]
+    python -m benchmarks.perplexity [--tokens 2048] [--out bench-out/perplexity.json] [--quick | --only SETTING...]
 
 Converts the real fixture model (Qwen2.5-Coder-0.5B-Instruct, imported from its GGUF to
 float32) with mlx_qwen2 and with mlx-lm at each setting, then measures perplexity on
@@ -43,6 +43,7 @@ SETTINGS = [
         for r in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
     ],
     ("GPTQ 4-bit g64", ["--calibrate"], None),
+    ("GPTQ 3-bit g64", ["--calibrate", "--q-bits", "3"], None),
     ("GPTQ recipe mixed_3_6", ["--calibrate", "--quant-recipe", "mixed_3_6"], None),
 ]
 QUICK = {"4-bit g64", "GPTQ 4-bit g64", "recipe mixed_3_6", "GPTQ recipe mixed_3_6"}
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens to score")
     p.add_argument("--out", default=str(ROOT / "bench-out" / "perplexity.json"))
     p.add_argument("--quick", action="store_true", help="only 4-bit g64, mixed_3_6 and their calibrated versions")
+    p.add_argument("--only", nargs="+", metavar="SETTING", help='only these settings, e.g. "recipe mixed_3_6"')
     args = p.parse_args()
     src = real_model_folder()
     _, tok = load(src, lazy=True)
@@ -71,7 +73,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ppl-"))
     try:
         for label, flags, theirs in SETTINGS:
-            if args.quick and label not in QUICK:
+            if (args.quick and label not in QUICK) or (args.only and label not in args.only):
                 continue
             for tool in ("mlx_qwen2", "mlx-lm"):
                 out = work / f"{tool}-{label.replace(' ', '_')}"

@@ -129,8 +129,8 @@ def convert(
     config = {k: v for k, v in source.items() if k not in ("quantization", "quantization_config")}
     plan = None
     if quantize:
-        plan = make_plan(args.num_hidden_layers, args.tie_word_embeddings, bits, group_size, recipe)
         matrices = {k.rpartition(".")[0]: w.shape for k, w in weights.items() if quantizable_key(k)}
+        plan = make_plan(args.num_hidden_layers, args.tie_word_embeddings, bits, group_size, recipe, matrices)
         check_divisible(matrices, plan)
         config["quantization"] = config["quantization_config"] = config_block(plan, sorted(matrices))
     elif source_quantized and not dequantize:

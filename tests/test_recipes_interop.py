@@ -11,7 +11,7 @@ import pytest
 
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
-from mlx_qwen2.quantize import is_sensitive_layer
+from mlx_qwen2.quantize import RECIPES, is_sensitive_layer
 from tests.tiny import make_checkpoint
 
 IDS = [[3, 99, 250, 17, 400, 8, 61, 5]]
@@ -28,25 +28,48 @@ def test_sensitive_layers():
     assert [i for i in range(16) if is_sensitive_layer(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
 
 
-def test_recipe_puts_bits_where_it_claims(src, tmp_path):
+def _stored_bytes(folder) -> int:
+    """Bytes of the tensors (the files' JSON headers differ a little between tools)."""
+    return sum(a.nbytes for f in folder.glob("*.safetensors") for a in mx.load(str(f)).values())
+
+
+@pytest.mark.parametrize("recipe", ["mixed_3_6", "mixed_3_4"])
+def test_recipe_puts_bits_where_it_claims(src, tmp_path, recipe):
+    low, high = RECIPES[recipe]
     out = tmp_path / "mixed"
-    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "--quant-recipe", "mixed_3_6"]) == 0
+    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "--quant-recipe", recipe]) == 0
     config = json.loads((out / "config.json").read_text())
     q = config["quantization"]
-    assert q["bits"] == 3 and q == config["quantization_config"]
+    assert q["bits"] == low and q == config["quantization_config"]
     tied = config["tie_word_embeddings"]
     output_layer = "model.embed_tokens" if tied else "lm_head"
-    assert q[output_layer] == {"group_size": 64, "bits": 6}  # the output layer is protected, tied or not
+    assert q[output_layer] == {"group_size": 64, "bits": high}  # the output layer is protected, tied or not
     if not tied:
         assert "model.embed_tokens" not in q  # the input embedding alone stays at the low width
+    downs = []
     for i in range(16):
-        for name in ("self_attn.v_proj", "mlp.down_proj"):
-            assert (f"model.layers.{i}.{name}" in q) == is_sensitive_layer(i, 16)
-        assert f"model.layers.{i}.self_attn.q_proj" not in q
+        for name in ("self_attn.k_proj", "self_attn.v_proj"):  # every layer's
+            assert q[f"model.layers.{i}.{name}"] == {"group_size": 64, "bits": high}
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert f"model.layers.{i}.{name}" not in q
+        if f"model.layers.{i}.mlp.down_proj" in q:
+            downs.append(i)
+    sensitive = [i for i in range(16) if is_sensitive_layer(i, 16)]
+    assert set(downs) <= set(sensitive) and downs
+    dropped = set(sensitive) - set(downs)
+    assert all(abs(i - 7.5) <= abs(j - 7.5) for i in dropped for j in downs)  # the middle ones go first
     model, _ = load(out)  # and the loader applies what the block says
-    assert model.layers[0].self_attn.v_proj.bits == 6 and model.layers[2].self_attn.v_proj.bits == 3
+    assert model.layers[3].self_attn.k_proj.bits == high and model.layers[2].self_attn.q_proj.bits == low
     head = model.model.embed_tokens if tied else model.lm_head
-    assert head.bits == 6
+    assert head.bits == high
+    # no larger than mlx-lm's own recipe (plus, for tied models, the protected shared embedding)
+    theirs = tmp_path / "theirs"
+    mlx_lm.convert(str(src), str(theirs), quantize=True, q_group_size=64, quant_predicate=recipe)
+    extra = 0
+    if tied:
+        embedding = model.model.embed_tokens
+        extra = embedding.weight.size * 32 // high * (high - low) // 8
+    assert _stored_bytes(out) <= _stored_bytes(theirs) + extra
 
 
 def our_logits(path) -> np.ndarray:
