@@ -27,7 +27,7 @@ REPORT = (
 )
 COMMANDS = {
     "mlx_qwen2": REPORT + "import mlx_qwen2.convert as c; sys.exit(c.main(sys.argv[1:]))",
-    "mlx-lm": REPORT + "import mlx_lm.convert as c; c.main()",
+    "mlx-lm": REPORT + "import importlib; importlib.import_module('mlx_lm.convert').main()",
 }
 
 
