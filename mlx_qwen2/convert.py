@@ -64,26 +64,30 @@ def converted(
     dequantize_with: Callable[[str], dict[str, Any]] | None,
     stats: dict[str, float],
 ) -> Iterator[tuple[str, mx.array]]:
-    """Lazily cast, quantize or dequantize each tensor; tallies bits and parameters of the matrices in `stats`."""
+    """Lazily cast, quantize or dequantize each tensor; tallies bits and parameters of the matrices in `stats`.
+
+    Takes each tensor out of `weights` as it goes: once evaluated, a source tensor still held there
+    would keep its data, and the whole source would end up in memory."""
 
     def cast(w: mx.array) -> mx.array:
         return w.astype(dtype) if dtype is not None and mx.issubdtype(w.dtype, mx.floating) else w
 
+    packed_paths = {k.rpartition(".")[0] for k in weights if k.endswith(".scales")}
     for key in sorted(weights):
         path, _, kind = key.rpartition(".")
-        w = weights[key]
-        if kind in ("weight", "scales", "biases") and f"{path}.scales" in weights:  # a packed matrix's parts
+        if kind in ("weight", "scales", "biases") and path in packed_paths:  # a packed matrix's parts
             if dequantize_with is None:
+                w = weights.pop(key)
                 yield key, w if kind == "weight" else cast(w)  # kept packed; scales and biases may be cast
-            elif kind == "weight":
+            elif kind == "weight":  # after its .biases and .scales, in sorted order
                 s = dequantize_with(path)
-                w = mx.dequantize(w, weights[f"{path}.scales"], weights[f"{path}.biases"], s["group_size"], s["bits"])
-                w = cast(w)
+                parts = weights.pop(key), weights.pop(f"{path}.scales"), weights.pop(f"{path}.biases")
+                w = cast(mx.dequantize(*parts, s["group_size"], s["bits"]))
                 stats["params"] += w.size
                 stats["bits"] += w.nbytes * 8
                 yield key, w
             continue
-        w = cast(w)
+        w = cast(weights.pop(key))
         if plan is not None and quantizable_key(key):
             q = plan(path)
             packed, scales, biases = mx.quantize(w, q["group_size"], q["bits"])
@@ -197,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant-recipe",
         default=None,
-        help=f"mixed precision, one of {', '.join(RECIPES)}: mixed_L_H puts H bits on v_proj and down_proj of "
-        "the first and last eighth of the layers and every third between, at least 6 on the output layer "
-        "(embed_tokens when tied), L elsewhere; implies -q",
+        help=f"mixed precision, one of {', '.join(RECIPES)}: mixed_L_H puts H bits on the output layer "
+        "(embed_tokens when tied), every k_proj and v_proj, and down_proj of the first and last layers, "
+        "within the size of mlx-lm's recipe of that name; L elsewhere; implies -q",
     )
     p.add_argument("--calibrate", action="store_true", help="GPTQ: error-compensating quantization (implies -q)")
     p.add_argument("--calibration-data", default=None, help="a .txt or .jsonl file (default: a sample shipped with us)")
