@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .model import PROJECTIONS, Model
-from .quantize import dequantized
+from .quantize import dequantized, output_layer
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -175,7 +175,7 @@ def quantize_gptq(
         f = model.model.norm(h)[0].astype(mx.float32)  # (L, D)
         h_head += np.array(f.T @ f, dtype=np.float64)
     tied = model.args.tie_word_embeddings
-    head_path = "model.embed_tokens" if tied else "lm_head"
+    head_path = output_layer(tied)
     quantized[head_path] = _quantized_head(_get(model, head_path), h_head, plan(head_path))
     if not tied:
         embed = plan("model.embed_tokens")
