@@ -14,11 +14,7 @@ CPU, quantized layers and 16-bit float layers compute in float32:
   (dequantized, or upcast) times the input, through BLAS (for one token,
   upcasting and BLAS's float32 product beat MLX's bfloat16 one by ~25%);
 
-and round the result back to the activations' dtype. The embeddings hand
-the model float32 activations, as MLX's 16-bit elementwise operations
-(norms, attention, residuals) are slow on CPU too: prefill of the 0.5B
-model ~1.6x faster. The KV cache is then float32 as well, twice a 16-bit
-cache (12 KB more per token for the 0.5B model). Products work on row
+and round the result back to the activations' dtype. Both work on row
 blocks of the matrix, each waiting for the previous block's product
 (`mx.depends`), so only a block or two of float32 copies exist at a time,
 never a whole matrix. The backward pass (training on a quantized or 16-bit
@@ -143,11 +139,7 @@ class DequantizingLinear(nn.QuantizedLinear):
 
 
 class DequantizingEmbedding(nn.QuantizedEmbedding):
-    """A QuantizedEmbedding giving float32 activations, whose use as the output layer (tied models) is
-    computed in float32."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x).astype(F32)
+    """A QuantizedEmbedding whose use as the output layer (tied models) is computed in float32."""
 
     def as_linear(self, x: mx.array) -> mx.array:
         return quantized_product(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
@@ -164,11 +156,7 @@ class UpcastingLinear(nn.Linear):
 
 
 class UpcastingEmbedding(nn.Embedding):
-    """A 16-bit float Embedding giving float32 activations, whose use as the output layer (tied models) is
-    computed like UpcastingLinear's."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x).astype(F32)
+    """A 16-bit float Embedding whose use as the output layer (tied models) is computed like UpcastingLinear's."""
 
     def as_linear(self, x: mx.array) -> mx.array:
         if not _is_16_bit(self.weight):
