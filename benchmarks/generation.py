@@ -1,13 +1,14 @@
 """Generation speed and memory, mlx_qwen2 beside mlx-lm, same folder, same prompt, interleaved rounds.
 
-    python benchmarks/generation.py [--prompts 128 1024] [--gen-tokens 256] [--rounds 3] [--models float32 bfloat16 8bit 4bit]
+    python -m benchmarks.generation [--prompts 128 1024] [--gen-tokens 256] [--rounds 3] [--models float32 bfloat16 bfloat16-f32 8bit 4bit]
 
 Models come from the real fixture (Qwen2.5-Coder-0.5B-Instruct): float32 (imported from its GGUF),
 bfloat16 (cast, as hub checkpoints ship), and 8-bit / 4-bit made by mlx-lm's own converter from the
 bfloat16 folder with its defaults (group 64, bfloat16 scales), i.e. the quantized models mlx-lm users
 have. `bfloat16-f32` is the bfloat16 folder with mlx_qwen2 computing in float32 (`--dtype float32`:
-faster on CPU, twice the weight memory) beside mlx-lm on the same folder as its users run it. Each measurement runs in a fresh process (benchmarks/gen_worker.py); a run that exceeds
---timeout is reported as a bound. Prints a markdown table and writes JSON with every round.
+faster on CPU, twice the weight memory) beside mlx-lm on the same folder as its users run it. Each
+measurement runs in a fresh process (benchmarks/gen_worker.py); a run that exceeds --timeout is
+reported as a bound. Prints a markdown table and writes JSON with every round.
 """
 
 from __future__ import annotations
