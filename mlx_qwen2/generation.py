@@ -56,12 +56,16 @@ class GenerationResponse:
 
 
 def prefill(model: Model, tokens: mx.array, cache: list[KVCache], step: int) -> mx.array:
-    """Run all prompt tokens but the last through the model in chunks, filling the cache."""
-    while tokens.size > 1:
-        n = min(step, tokens.size - 1)
-        model.model(tokens[None, :n], cache)  # the backbone only: these logits are not needed
+    """Run whole chunks of the prompt through the model, filling the cache; returns the last chunk.
+
+    The last chunk (1 to `step` tokens) goes through the first generation step in one pass, rather
+    than all but its last token here and that token alone after: a pass over one token costs about
+    as much as a pass over many, so this shortens the time to the first token by one decode step.
+    """
+    while tokens.size > step:
+        model.model(tokens[None, :step], cache)  # the backbone only: these logits are not needed
         mx.eval([c.keys for c in cache])
-        tokens = tokens[n:]
+        tokens = tokens[step:]
     return tokens
 
 

@@ -27,13 +27,17 @@ def test_prefill_then_decode_equals_full_forward(tiny, step):
     assert cache[0].keys.shape[2] % step == 0 and cache[0].keys.shape[2] >= len(IDS)
 
 
-def test_chunked_prefill_equals_one_pass(tiny_untied):
-    """Multi-token chunks after a filled cache need a causal mask offset by the cache length."""
+@pytest.mark.parametrize("step", [4, 5, 23])
+def test_chunked_prefill_equals_one_pass(tiny_untied, step):
+    """Multi-token chunks after a filled cache need a causal mask offset by the cache length.
+
+    prefill leaves the last chunk (1 to `step` tokens) to the first generation step."""
     model, _ = load(tiny_untied)
     full = np.array(model(mx.array([IDS]))[0, -1])
     cache = make_cache(len(model.layers), step=5)
-    rest = prefill(model, mx.array(IDS), cache, step=4)
-    assert rest.tolist() == IDS[-1:] and cache[0].offset == len(IDS) - 1
+    rest = prefill(model, mx.array(IDS), cache, step=step)
+    done = (len(IDS) - 1) // step * step
+    assert rest.tolist() == IDS[done:] and cache[0].offset == done and 1 <= rest.size <= step
     np.testing.assert_allclose(np.array(model(rest[None], cache)[0, -1]), full, atol=1e-4, rtol=0)
 
 

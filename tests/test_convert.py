@@ -142,6 +142,7 @@ def test_requantizing_refused(src, tmp_path, capsys):
 def test_fast_layers_compute_the_same_function(src, tmp_path, dtype, block, monkeypatch):
     """The CPU fast paths (dequantize for many tokens, float32 products, row blocks) against MLX's own layers."""
     monkeypatch.setattr(fast_layers, "COPY_BLOCK", block)
+    monkeypatch.setattr(fast_layers, "SMALL_COPY_BLOCK", block)
     monkeypatch.setattr(fast_layers, "PRODUCT_BLOCK", block)
     out = tmp_path / "q"
     assert (

@@ -49,6 +49,7 @@ def test_outputs_and_input_gradients_match(quantized, tokens, block, monkeypatch
 
     (MLX's own bfloat16 quantized product is further off: it accumulates in bfloat16.)"""
     monkeypatch.setattr(fast, "COPY_BLOCK", block)
+    monkeypatch.setattr(fast, "SMALL_COPY_BLOCK", block)
     monkeypatch.setattr(fast, "PRODUCT_BLOCK", block)
     dtype = mx.bfloat16
     theirs, ours = _pair(quantized, dtype)
@@ -83,3 +84,19 @@ def test_float32_layers_and_gpus_are_left_alone():
     m.b = nn.QuantizedLinear(64, 64, group_size=32, bits=4)
     assert use_fast_layers(m, mx.Device(mx.gpu)) == 0
     assert use_fast_layers(m, mx.Device(mx.cpu)) == 1
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["quantized", "16-bit"])
+def test_embeddings_hand_on_float32_activations(quantized):
+    """The same rows as MLX's embedding, exactly, as float32 (the model then computes in float32)."""
+    theirs = nn.Embedding(50, 64)
+    theirs.set_dtype(mx.bfloat16)
+    if quantized:
+        theirs = nn.QuantizedEmbedding.from_embedding(theirs, group_size=32, bits=4)
+    holder = nn.Module()
+    holder.e = theirs
+    assert use_fast_layers(holder, mx.Device(mx.cpu)) == 1
+    ids = mx.array([[3, 7, 49]])
+    ours = holder.e(ids)
+    assert ours.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(ours), np.array(theirs(ids).astype(mx.float32)))
