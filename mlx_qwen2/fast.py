@@ -9,7 +9,8 @@ slower than dequantizing the matrix and using the float32 BLAS matmul. So on
 CPU, quantized layers and 16-bit float layers compute in float32:
 
 - quantized layers, up to SMALL tokens (decode): the quantized product with
-  a float32 input;
+  a float32 input, its row blocks spread over one CPU stream per core (MLX
+  runs that kernel on one thread; each stream has its own);
 - more tokens, and 16-bit float layers always: a float32 copy of the matrix
   (dequantized, or upcast) times the input, through BLAS (for one token,
   upcasting and BLAS's float32 product beat MLX's bfloat16 one by ~25%);
@@ -32,6 +33,7 @@ swapped. Knows nothing of files.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -41,7 +43,8 @@ from mlx.utils import tree_unflatten
 SMALL = 4  # tokens; above this, the float32 copy of the matrix is faster on CPU
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 SMALL_COPY_BLOCK = 1 << 19  # the same for up to SMALL tokens: ~30% faster decoding of 16-bit weights here
-PRODUCT_BLOCK = 1 << 24  # weights per block of a quantized product (its float32 scales: 2 MB at group 64)
+PRODUCT_BLOCK = 1 << 24  # most weights per block of a quantized product for up to SMALL tokens
+MAX_STREAMS = 8  # most CPU streams the quantized product for few tokens is spread over
 F32 = mx.float32
 
 Dense = Callable[..., mx.array]  # (weight block, *its scales and biases) -> float32 matrix block
@@ -65,12 +68,32 @@ def _in_turn(blocks: list[slice], params: tuple[mx.array, ...], first: mx.array,
     return results
 
 
+@functools.cache
+def _streams() -> tuple[mx.Stream, ...]:
+    """One CPU stream (each runs on its own thread) per core this process may use, at most MAX_STREAMS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return tuple(mx.new_stream(mx.cpu) for _ in range(max(1, min(cores, MAX_STREAMS))))
+
+
+def _spread(blocks: list[slice], params: tuple[mx.array, ...], step: Callable) -> list[mx.array]:
+    """`step(*params[block])` for each row block, the blocks dealt out over the CPU streams."""
+    streams = _streams()
+    results = []
+    for i, part in enumerate(blocks):
+        with mx.stream(streams[i % len(streams)]):
+            results.append(step(*[p[part] for p in params]))
+    return results
+
+
 def _forward(x: mx.array, params: tuple[mx.array, ...], in_dims: int, dense: Dense, small: Callable | None) -> mx.array:
     x32 = x.astype(F32)
     rows = params[0].shape[0]
     if small is not None and _tokens(x) <= SMALL:
-        blocks = _row_blocks(rows, in_dims, PRODUCT_BLOCK)
-        parts = _in_turn(blocks, params, x32, lambda _, *p: small(x32, *p))
+        # As many blocks as a multiple of the streams, so that each stream gets the same work.
+        n = len(_streams())
+        count = n * -(-rows * in_dims // (n * PRODUCT_BLOCK))
+        blocks = _row_blocks(rows, in_dims, -(-rows // count) * in_dims)
+        parts = _spread(blocks, params, lambda *p: small(x32, *p))
     else:
         blocks = _row_blocks(rows, in_dims, SMALL_COPY_BLOCK if _tokens(x) <= SMALL else COPY_BLOCK)
         parts = _in_turn(blocks, params, x32, lambda _, *p: x32 @ dense(*p).T)
