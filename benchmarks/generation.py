@@ -103,7 +103,11 @@ def main() -> None:
     print(f"\n(per-round results in {args.out})")
     print(f"\nMachine: {machine}; medians of {args.rounds} interleaved rounds, {args.gen_tokens} new tokens.\n")
     bw = read_bandwidth_gbs()
-    bounds = {name: bw * 1e9 / bytes_per_token(folder) for name, folder in folders.items()}
+    # `-f32` holds the 16-bit weights as float32: twice the bytes per token.
+    bounds = {
+        name: bw * 1e9 / bytes_per_token(folder) / (2 if name.endswith("-f32") else 1)
+        for name, folder in folders.items()
+    }
     print(f"Read bandwidth (numpy): {bw:.1f} GB/s\n")
     print(table(results, args.timeout, bounds))
 

@@ -10,6 +10,7 @@ import sys
 
 import mlx.core as mx
 
+from . import blas
 from .cli import add_dataclass_args, from_args, report_errors
 from .generation import GenerationConfig, GenerationResponse, stream_generate
 from .loader import load
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="use the fastest layers for this device (on CPU, for quantized models: float32 products, dequantized prefill)",
+        help="use the fastest layers for this device (on CPU: float32 products for quantized and 16-bit weights)",
     )
     p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapters to apply (a folder from mlx_qwen2.lora)")
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="print statistics")
@@ -55,6 +56,7 @@ def print_stats(last: GenerationResponse) -> None:
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=sys.stderr)
     print(f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+    print(f"Device: {mx.default_device()}, BLAS: {blas.in_use}", file=sys.stderr)
 
 
 @report_errors

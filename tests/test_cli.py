@@ -16,6 +16,7 @@ def test_generate_streams_and_reports(tiny_untied, capsys):
     ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}])
     assert out == generate(model, tok, ids, max_tokens=5) + "\n"
     assert "Prompt:" in err and "Generation:" in err and "Peak memory:" in err
+    assert "BLAS: " in err  # which BLAS the CPU backend uses, OpenBLAS or MLX's reference one
 
 
 def test_prompt_from_stdin_without_template(tiny_untied, capsys, monkeypatch):
