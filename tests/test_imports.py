@@ -22,9 +22,10 @@ def imports(path: Path) -> list[tuple[str, bool]]:
     top = {id(n) for n in tree.body}
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            name = "." * node.level + (node.module or "")
-            found.append((name, id(node) in top))
+        if isinstance(node, ast.ImportFrom) and node.module is None:  # from . import a, b
+            found += [("." * node.level + a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(("." * node.level + node.module, id(node) in top))
         elif isinstance(node, ast.Import):
             found += [(a.name, id(node) in top) for a in node.names]
     return found
