@@ -19,10 +19,10 @@ and round the result back to the activations' dtype. The embeddings hand
 the model float32 activations, as MLX's 16-bit elementwise operations
 (norms, attention, residuals) are slow on CPU too: prefill of the 0.5B
 model ~1.4x faster. The KV cache is then float32 as well, twice a 16-bit
-cache (12 KB more per token for the 0.5B model). Products work on row
-blocks of the matrix, each waiting for the previous block's product
-(`mx.depends`), so only a block or two of float32 copies exist at a time,
-never a whole matrix. The backward pass (training on a quantized or 16-bit
+cache (12 KB more per token for the 0.5B model). Float32 copies are made
+for row blocks of the matrix, each waiting for the previous block's product
+(`mx.depends`), so only a block or two of them exist at a time, never a
+whole matrix. The backward pass (training on a quantized or 16-bit
 base) recomputes the copies block by block instead of keeping them.
 Weights, scales and biases stay as stored: nothing is added at rest.
 
