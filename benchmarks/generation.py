@@ -5,8 +5,8 @@
 Models come from the real fixture (Qwen2.5-Coder-0.5B-Instruct): float32 (imported from its GGUF),
 bfloat16 (cast, as hub checkpoints ship), and 8-bit / 4-bit made by mlx-lm's own converter from the
 bfloat16 folder with its defaults (group 64, bfloat16 scales), i.e. the quantized models mlx-lm users
-have. `bfloat16-f32` is the bfloat16 folder with mlx_qwen2 computing in float32 (`--dtype float32`:
-faster on CPU, twice the weight memory) beside mlx-lm on the same folder as its users run it. Each
+have. `bfloat16-f32` is the bfloat16 folder with mlx_qwen2 holding the weights as float32 (`--dtype
+float32`: twice the weight memory) beside mlx-lm on the same folder as its users run it. Each
 measurement runs in a fresh process (benchmarks/gen_worker.py); a run that exceeds --timeout is
 reported as a bound. Prints a markdown table and writes JSON with every round.
 """

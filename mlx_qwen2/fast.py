@@ -87,15 +87,15 @@ def _spread(blocks: list[slice], params: tuple[mx.array, ...], step: Callable) -
 
 def _forward(x: mx.array, params: tuple[mx.array, ...], in_dims: int, dense: Dense, small: Callable | None) -> mx.array:
     x32 = x.astype(F32)
-    rows = params[0].shape[0]
-    if small is not None and _tokens(x) <= SMALL:
+    rows, few = params[0].shape[0], _tokens(x) <= SMALL
+    if small is not None and few:
         # As many blocks as a multiple of the streams, so that each stream gets the same work.
         n = len(_streams())
         count = n * -(-rows * in_dims // (n * PRODUCT_BLOCK))
         blocks = _row_blocks(rows, in_dims, -(-rows // count) * in_dims)
         parts = _spread(blocks, params, lambda *p: small(x32, *p))
     else:
-        blocks = _row_blocks(rows, in_dims, SMALL_COPY_BLOCK if _tokens(x) <= SMALL else COPY_BLOCK)
+        blocks = _row_blocks(rows, in_dims, SMALL_COPY_BLOCK if few else COPY_BLOCK)
         parts = _in_turn(blocks, params, x32, lambda _, *p: x32 @ dense(*p).T)
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     return y.astype(x.dtype)
