@@ -117,8 +117,8 @@ def run(tool: str, model: Path, out: Path, a: argparse.Namespace) -> dict:
 def common_val_loss(model: Path, adapters: Path | None, batch_size: int) -> float:
     """Validation loss of the base model plus `adapters` (either tool's), under one evaluator."""
     from mlx_qwen2 import load
-    from mlx_qwen2.data import load_jsonl
-    from mlx_qwen2.trainer import evaluate
+    from mlx_qwen2.tuner.data import load_jsonl
+    from mlx_qwen2.tuner.trainer import evaluate
 
     net, tokenizer = load(str(model), adapter_path=str(adapters) if adapters else None)
     return evaluate(net, load_jsonl(DATA / "valid.jsonl", tokenizer, mask_prompt=True), batch_size)

@@ -26,7 +26,8 @@ import mlx_lm
 from benchmarks.common import ROOT, eval_text, perplexity, real_model_folder
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
-from mlx_qwen2.quantize import bits_per_weight, dequantize_model
+from mlx_qwen2.quant.affine import bits_per_weight
+from mlx_qwen2.quant.dequantize import dequantize_model
 
 # (label, our convert flags, mlx-lm convert kwargs or None)
 SETTINGS = [

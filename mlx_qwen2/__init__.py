@@ -3,21 +3,32 @@
 from mlx_qwen2 import load, generate, stream_generate
 """
 
-import warnings
+import sys
+import types
 
-from . import blas
+from .backends.cpu import blas
 
 blas.preload()  # before anything imports mlx.core
 
-# `mlx_qwen2.generate` is both the CLI module and the public function. Importing the
-# module first and binding the function after keeps `mlx_qwen2.generate` the function
-# whatever is imported later; `python -m mlx_qwen2.generate` then finds the (CLI-only)
-# module already imported, which runpy warns about but which is harmless here.
-from . import generate as _cli  # noqa: E402, F401
 from .generation import generate, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 
-warnings.filterwarnings("ignore", message=r"'mlx_qwen2\.\w+' found in sys\.modules", category=RuntimeWarning)
+
+class _Package(types.ModuleType):
+    """`mlx_qwen2.generate` is both the public function and the CLI module's name.
+
+    Importing a submodule sets it as an attribute of its package; this keeps the function
+    there when the CLI module `mlx_qwen2.generate` is imported (`from mlx_qwen2.generate
+    import main` still finds the module in sys.modules).
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["load", "generate", "stream_generate"]
 __version__ = "0.1.0"

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .errors import UserError
+
 
 class KVCache:
     """Keys and values of one attention layer, (B, n_kv_heads, length, head_dim)."""
 
     def __init__(self, step: int = 256):
         if step < 1:
-            raise ValueError("step must be at least 1")
+            raise UserError("step must be at least 1")
         self.step = step
         self.keys: mx.array | None = None
         self.values: mx.array | None = None

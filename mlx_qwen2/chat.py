@@ -9,12 +9,11 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-import mlx.core as mx
-
 from .cache import KVCache, make_cache
-from .cli import add_dataclass_args, from_args, report_errors
+from .cli import add_dataclass_args, blas_hint, from_args, report_errors
+from .errors import UserError
 from .generation import GenerationConfig, GenerationResponse, stream_generate
-from .loader import load
+from .loader import DTYPES, load
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -24,7 +23,7 @@ class ChatSession:
 
     def __init__(self, model: Model, tokenizer: Tokenizer, system: str | None = None):
         if not tokenizer.chat_template:
-            raise ValueError("this model has no chat template; use `python -m mlx_qwen2.generate` instead.")
+            raise UserError("this model has no chat template; use `python -m mlx_qwen2.generate` instead.")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.reset()
@@ -66,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_qwen2.chat", description="Chat with a Qwen2 instruct model.")
     p.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="compute dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype")
     add_dataclass_args(p, GenerationConfig, skip=("stop",))
     return p
 
@@ -75,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = from_args(GenerationConfig, args)
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    blas_hint()
+    model, tokenizer = load(args.model, dtype=args.dtype)
     session = ChatSession(model, tokenizer, args.system)
     print("Type a message; '/reset' starts over, '/quit' or Ctrl-D ends.", file=sys.stderr)
     while True:

@@ -1,4 +1,4 @@
-"""What the command-line tools share: flags built from a dataclass, one-line errors."""
+"""What the command-line tools share: flags built from a dataclass, one-line user errors, the BLAS hint."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import mlx.core as mx
+
+from .backends.cpu import blas
+from .errors import UserError
+
 T = TypeVar("T")
 
-# Errors a user can cause: reported as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, OSError)
+# Reported as one line, without a traceback: errors in what the user gave us, and file-system
+# errors (a missing or unreadable file, a full disk). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, OSError)
 
 
 def add_dataclass_args(
@@ -28,7 +34,8 @@ def add_dataclass_args(
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
+        kwargs: dict[str, Any] = {"default": default, "help": text}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
@@ -57,7 +64,29 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             print("\ninterrupted", file=sys.stderr)
             return 130
         except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 1
 
     return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:  # "[Errno 28] ..." reads worse than this
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+_hinted = False
+
+
+def blas_hint() -> None:
+    """Once per process, on Linux with MLX's reference BLAS: how to get OpenBLAS and what it gains."""
+    global _hinted
+    if _hinted or not blas.on_reference_blas() or mx.default_device().type != mx.cpu:
+        return
+    _hinted = True
+    print(
+        "hint: MLX is using its reference BLAS; `sudo apt install libopenblas0-pthread` makes float32 products "
+        "about 20x faster (prompt processing of a 0.5B model: 11.5 s -> 0.43 s for 26 tokens).",
+        file=sys.stderr,
+    )

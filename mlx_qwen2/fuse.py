@@ -9,11 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .adapters import fuse_adapters
-from .checkpoint import check_output_dir, write_model_folder
 from .cli import report_errors
 from .loader import load, read_config, resolve_path
-from .quantize import dequantize_model, weights_of
+from .quant.affine import weights_of
+from .quant.dequantize import dequantize_model
+from .tuner.adapters import fuse_adapters
+from .writer import check_output_dir, write_model_folder
 
 
 def build_parser() -> argparse.ArgumentParser:

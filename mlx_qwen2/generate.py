@@ -10,10 +10,11 @@ import sys
 
 import mlx.core as mx
 
-from . import blas
-from .cli import add_dataclass_args, from_args, report_errors
+from .backends.cpu import blas
+from .cli import add_dataclass_args, blas_hint, from_args, report_errors
+from .errors import UserError
 from .generation import GenerationConfig, GenerationResponse, stream_generate
-from .loader import load
+from .loader import DTYPES, load
 from .tokenizer import Tokenizer
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="wrap the prompt in the model's chat template (default: when the model has one)",
     )
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None, help="compute dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype")
     p.add_argument(
         "--fast",
         action=argparse.BooleanOptionalAction,
@@ -51,6 +52,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, system: str | None, use_templa
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def read_stdin() -> str:
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt on stdin is not {e.encoding} text ({e.reason} at byte {e.start}).") from e
+
+
 def print_stats(last: GenerationResponse) -> None:
     print("=" * 10, file=sys.stderr)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
@@ -63,9 +71,9 @@ def print_stats(last: GenerationResponse) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = from_args(GenerationConfig, args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, tokenizer = load(args.model, dtype=dtype, adapter_path=args.adapter_path, fast=args.fast)
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
+    blas_hint()
+    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast)
     ids = prompt_ids(tokenizer, prompt, args.system, args.chat_template)
     last = None
     for last in stream_generate(model, tokenizer, ids, config=config):

@@ -1,6 +1,6 @@
-"""Token generation: `generate_step`, `stream_generate`, `generate`, and the CLI.
+"""Token generation: `prefill`, `generate_step`, `stream_generate`, `generate`, and the stop-string matcher.
 
-python -m mlx_qwen2.generate --model Qwen/Qwen2-0.5B-Instruct --prompt "Hello"
+The command line is `python -m mlx_qwen2.generate` (generate.py); this module never prints.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVCache, make_cache
+from .errors import UserError
 from .model import Model
 from .sample import LogitsProcessor, Sampler, make_logits_processors, make_sampler, validate_sampling
 from .tokenizer import Tokenizer
@@ -36,9 +37,9 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         validate_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
         if self.max_tokens < 0:
-            raise ValueError(f"max-tokens must be >= 0, got {self.max_tokens}")
+            raise UserError(f"max-tokens must be >= 0, got {self.max_tokens}")
         if self.prefill_step_size < 1:
-            raise ValueError(f"prefill-step-size must be >= 1, got {self.prefill_step_size}")
+            raise UserError(f"prefill-step-size must be >= 1, got {self.prefill_step_size}")
 
 
 @dataclass
@@ -99,7 +100,30 @@ def generate_step(
         y = next_y
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back a tail that could be the start of one.
+
+    Feed text pieces in order; each call returns the text that is safe to emit and whether a
+    stop string was found (the text is then cut before it). The server reuses this.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """(text to emit, stopped); with `final`, nothing more follows, so nothing is held back."""
+        self.pending += text
+        hit = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=-1)
+        if hit >= 0:
+            out, self.pending = self.pending[:hit], ""
+            return out, True
+        keep = 0 if final else held_back(self.pending, self.stops)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that could begin a stop string."""
     longest = 0
     for s in stops:
@@ -108,6 +132,33 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 longest = k
                 break
     return longest
+
+
+def check_room(ids: list[int], cache: list[KVCache], context: int) -> None:
+    """UserError when the prompt (plus what is cached) leaves no room in the model's context."""
+    if not ids:
+        raise UserError("the prompt is empty")
+    if cache[0].offset + len(ids) >= context:
+        raise UserError(
+            f"the prompt has {len(ids)} tokens (plus {cache[0].offset} cached) and the model's context is {context}; "
+            "shorten the prompt."
+        )
+
+
+class _Clock:
+    """Prompt and generation speeds of one stream."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens, self.tic = prompt_tokens, time.perf_counter()
+        self.prompt_tps = self.gen_tic = 0.0
+
+    def first_token(self) -> None:
+        self.gen_tic = time.perf_counter()
+        self.prompt_tps = self.prompt_tokens / (self.gen_tic - self.tic)
+
+    def generation_tps(self, n: int) -> float:
+        elapsed = time.perf_counter() - self.gen_tic
+        return (n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0
 
 
 def stream_generate(
@@ -127,51 +178,32 @@ def stream_generate(
     """
     config = dataclasses.replace(config or GenerationConfig(), **settings)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
     cache = cache if cache is not None else make_cache(len(model.layers))
     context = model.args.context_length
-    if cache[0].offset + len(ids) >= context:
-        raise ValueError(
-            f"the prompt has {len(ids)} tokens (plus {cache[0].offset} cached) and the model's context is {context}; "
-            "shorten the prompt."
-        )
+    check_room(ids, cache, context)
     max_tokens = min(config.max_tokens, context - cache[0].offset - len(ids))
     if config.seed is not None:
         mx.random.seed(config.seed)
     sampler = sampler or make_sampler(config.temp, config.top_p, config.top_k, config.min_p)
     processors = make_logits_processors(config.repetition_penalty, config.repetition_context_size)
-    detok = tokenizer.detokenizer()
-    pending, finish, n = "", None, 0
-    tic = time.perf_counter()
-    prompt_tps = gen_tic = 0.0
+    detok, stops, clock = tokenizer.detokenizer(), StopMatcher(config.stop), _Clock(len(ids))
     tokens = generate_step(mx.array(ids), model, cache, sampler, processors, config.prefill_step_size)
     for n, token in enumerate(tokens if max_tokens > 0 else (), start=1):
         if n == 1:
-            gen_tic = time.perf_counter()
-            prompt_tps = len(ids) / (gen_tic - tic)
-        if token in tokenizer.eos_token_ids:
-            finish = "stop"
-            token_text = detok.finalize()
-        else:
-            token_text = detok.add_token(token)
-            if n == max_tokens:
-                finish = "length"
-                token_text += detok.finalize()
-        pending += token_text
-        hit = min((i for s in config.stop if (i := pending.find(s)) >= 0), default=-1)
-        if hit >= 0:
-            pending, finish = pending[:hit], "stop"
-        keep = 0 if finish else _held_back(pending, config.stop)
-        out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        elapsed = time.perf_counter() - gen_tic
+            clock.first_token()
+        finish = "stop" if token in tokenizer.eos_token_ids else "length" if n == max_tokens else None
+        piece = detok.finalize() if finish == "stop" else detok.add_token(token)
+        if finish == "length":
+            piece += detok.finalize()
+        text, stopped = stops.feed(piece, final=finish is not None)
+        finish = "stop" if stopped else finish
         yield GenerationResponse(
-            text=out,
+            text=text,
             token=token,
             prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
+            prompt_tps=clock.prompt_tps,
             generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            generation_tps=clock.generation_tps(n),
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
         )

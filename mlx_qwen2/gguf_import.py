@@ -19,7 +19,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .checkpoint import atomic_dir, save_weights, write_json
+from .errors import UserError
+from .writer import atomic_dir, save_weights, write_json
 
 # Qwen2's pre-tokenizer split, as in its tokenizer.json.
 QWEN2_SPLIT = (
@@ -50,7 +51,7 @@ def hf_key(gguf_name: str) -> str:
             return f"model.layers.{m.group(1)}.{_LAYER_KEYS[m.group(2)]}.{kind}"
     elif base in _GLOBAL_KEYS:
         return f"{_GLOBAL_KEYS[base]}.{kind}"
-    raise ValueError(f"unexpected tensor {gguf_name!r} in a qwen2 GGUF; is the file a Qwen2 model?")
+    raise UserError(f"unexpected tensor {gguf_name!r} in a qwen2 GGUF; is the file a Qwen2 model?")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
@@ -79,14 +80,14 @@ def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], added:
 
 def _open(path: Path) -> GGUFReader:
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} not found.")
+        raise UserError(f"GGUF file {path} not found.")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic number).")
+            raise UserError(f"{path} is not a GGUF file (bad magic number).")
     try:
         return GGUFReader(str(path))
     except (ValueError, IndexError, OSError) as e:
-        raise ValueError(f"{path} is a corrupt or truncated GGUF file ({e}); download it again.") from e
+        raise UserError(f"{path} is a corrupt or truncated GGUF file ({e}); download it again.") from e
 
 
 def _meta(reader: GGUFReader) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def gguf_config(meta: dict[str, Any], vocab_size: int, tied: bool, eos: list[int
 
 def _tokenizer_files(reader: GGUFReader, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any], list[int]]:
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(
+        raise UserError(
             f"GGUF tokenizer is {meta.get('tokenizer.ggml.model')!r}; qwen2 models use byte-level BPE (gpt2)."
         )
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -183,18 +184,18 @@ def import_gguf(
     """Write a Hugging Face layout folder for a qwen2 GGUF; returns the folder."""
     gguf_path, out = Path(gguf_path), Path(out)
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"--dtype {dtype} is not available for a GGUF import; use float32 or float16.")
+        raise UserError(f"--dtype {dtype} is not available for a GGUF import; use float32 or float16.")
     reader = _open(gguf_path)
     meta = _meta(reader)
     arch = meta.get("general.architecture")
     if arch != "qwen2":
-        raise ValueError(f"{gguf_path} holds a {arch!r} model, not qwen2; mlx_qwen2 imports Qwen2/Qwen2.5 GGUFs only.")
+        raise UserError(f"{gguf_path} holds a {arch!r} model, not qwen2; mlx_qwen2 imports Qwen2/Qwen2.5 GGUFs only.")
     if sha256 is not None and (found := sha256_of(gguf_path)) != sha256.lower():
-        raise ValueError(f"{gguf_path} has sha256 {found}, expected {sha256}: the file is corrupt or a different one.")
+        raise UserError(f"{gguf_path} has sha256 {found}, expected {sha256}: the file is corrupt or a different one.")
     tok, tok_config, eos = _tokenizer_files(reader, meta)
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     if "token_embd.weight" not in shapes:
-        raise ValueError(f"{gguf_path} has no token_embd.weight tensor; is it a complete qwen2 model?")
+        raise UserError(f"{gguf_path} has no token_embd.weight tensor; is it a complete qwen2 model?")
     tied = "output.weight" not in shapes
     config = gguf_config(meta, shapes["token_embd.weight"][1], tied, eos)
     config["torch_dtype"] = dtype

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,12 @@ import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-from .adapters import load_adapters
-from .fast import use_fast_layers
+from .backends.cpu.layers import use_fast_layers
+from .errors import UserError
+from .files import load_safetensors, read_json
 from .model import Model, ModelArgs
 from .tokenizer import Tokenizer
+from .tuner.adapters import load_adapters
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -35,10 +36,10 @@ def resolve_path(path_or_id: str | os.PathLike[str], revision: str | None = None
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file; pass the model folder that contains config.json.")
+        raise UserError(f"{path} is a file; pass the model folder that contains config.json.")
     text = str(path_or_id)
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model folder {text} not found; pass a local folder or a hub id like Qwen/Qwen2-0.5B.")
+        raise UserError(f"model folder {text} not found; pass a local folder or a hub id like Qwen/Qwen2-0.5B.")
     return _download(text, revision)
 
 
@@ -46,12 +47,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except RepositoryNotFoundError as e:
-        raise FileNotFoundError(
+        raise UserError(
             f"{repo_id} is neither a local folder nor a repository on the Hugging Face hub (or it is gated: "
             "log in with `hf auth login`)."
         ) from e
     except (LocalEntryNotFoundError, OSError) as e:
-        raise ConnectionError(
+        raise UserError(
             f"could not download {repo_id} from the Hugging Face hub (offline?) and it is not in the local "
             "cache; download it on a connected machine, or pass the path of a local model folder."
         ) from e
@@ -60,31 +61,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not a Hugging Face or MLX model folder.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the model.") from e
-
-
-def check_safetensors(path: Path) -> None:
-    """Raise ValueError if a safetensors file is truncated or its header is corrupt."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-convert it.") from e
-    if 8 + n + end > size:
-        raise ValueError(
-            f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}; "
-            "re-download or re-convert it."
-        )
+        raise UserError(f"{path} not found: {folder} is not a Hugging Face or MLX model folder.")
+    return read_json(path)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -95,22 +73,18 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(json.load(f)["weight_map"].values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"{folder} lacks shard(s) {', '.join(missing)} listed in {index.name}; re-download."
-            )
+            raise UserError(f"{folder} lacks shard(s) {', '.join(missing)} listed in {index.name}; re-download.")
         files = [folder / n for n in names]
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
-            raise ValueError(
+            raise UserError(
                 f"{folder} holds only pickled weights ({', '.join(pickled)}), which mlx_qwen2 never loads "
                 "because unpickling can run arbitrary code; use a safetensors checkpoint."
             )
-        raise FileNotFoundError(f"no .safetensors weights in {folder}.")
-    for f in files:
-        check_safetensors(f)
+        raise UserError(f"no .safetensors weights in {folder}.")
     return files
 
 
@@ -118,7 +92,7 @@ def load_weights(folder: Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint as lazy MLX arrays (nothing is read until evaluated)."""
     weights: dict[str, mx.array] = {}
     for f in weight_files(folder):
-        weights.update(mx.load(str(f)))
+        weights.update(load_safetensors(f))
     return weights
 
 
@@ -140,8 +114,21 @@ def apply_quantization(model: nn.Module, config: dict[str, Any], weights: dict[s
     nn.quantize(model, class_predicate=predicate)
 
 
-def load_model(folder: Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> Model:
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
+    """An `mx.Dtype`, or one of the names the command lines take ("float16", "bfloat16", "float32")."""
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UserError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or an mx.Dtype).")
+
+
+def load_model(folder: Path, dtype: mx.Dtype | str | None = None, lazy: bool = False) -> Model:
     """Build the model from config.json and set its weights."""
+    dtype = as_dtype(dtype)
     config = read_config(folder)
     args = ModelArgs.from_dict(config)
     model = Model(args)
@@ -152,7 +139,7 @@ def load_model(folder: Path, dtype: mx.Dtype | None = None, lazy: bool = False) 
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ValueError(f"the weights in {folder} do not match its config.json: {e}") from e
+        raise UserError(f"the weights in {folder} do not match its config.json: {e}") from e
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -163,17 +150,14 @@ def eos_ids(folder: Path) -> set[int]:
     """EOS ids from generation_config.json and config.json."""
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                value = json.load(f).get("eos_token_id")
-            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        value = read_json(folder / name, missing_ok=True).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if isinstance(value, int) else [])
     return ids
 
 
 def load(
     path_or_id: str | os.PathLike[str],
-    dtype: mx.Dtype | None = None,
+    dtype: mx.Dtype | str | None = None,
     lazy: bool = False,
     revision: str | None = None,
     fast: bool = True,
@@ -181,15 +165,16 @@ def load(
 ) -> tuple[Model, Tokenizer]:
     """Load a Qwen2 model and its tokenizer from a local folder or a hub id.
 
-    `fast` swaps in the layers that are fastest on the default device (see `fast.py`);
+    `dtype` casts float weights (an `mx.Dtype` or its name). `fast` swaps in the layers that are
+    fastest on the default device (see `backends/cpu/layers.py`);
     they compute the same function up to float rounding. `adapter_path` applies
     LoRA/DoRA adapters saved by `python -m mlx_qwen2.lora` (or by mlx-lm).
     """
     folder = resolve_path(path_or_id, revision)
+    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))  # first: cheap, and often the bad file
     model = load_model(folder, dtype=dtype, lazy=lazy)
     if fast:
         use_fast_layers(model)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
-    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
     return model, tokenizer

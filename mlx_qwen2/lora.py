@@ -3,6 +3,7 @@
     python -m mlx_qwen2.lora --model M --train --data DIR [-c config.yaml] [--adapter-path adapters]
 
 Options come from the dataclass defaults, then a YAML/JSON config file (-c), then the command line.
+The work is done by `mlx_qwen2.tuner`; this module parses, calls it and prints.
 """
 
 from __future__ import annotations
@@ -11,32 +12,30 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
 import yaml
 
-try:  # optional: a loss-curve PNG when matplotlib is installed (pip install 'mlx_qwen2[plot]')
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-from mlx.utils import tree_flatten, tree_unflatten
-
-from .adapters import DEFAULT_KEYS, adapter_config, adapter_weights, apply_adapters, load_adapters
-from .cli import add_dataclass_args, report_errors
-from .data import Example, load_jsonl, pack, truncate
+from .cli import add_dataclass_args, blas_hint, report_errors
+from .errors import UserError, check_types
 from .loader import load
-from .trainer import Report, TrainConfig, evaluate, make_optimizer, train, trainable_count
+from .tuner.adapters import (
+    DEFAULT_DROPOUT,
+    DEFAULT_KEYS,
+    DEFAULT_RANK,
+    DEFAULT_SCALE,
+    FINE_TUNE_TYPES,
+    adapter_config,
+    load_adapters,
+    make_trainable,
+)
+from .tuner.checkpoint import resume, save_checkpoint
+from .tuner.data import load_splits
+from .tuner.trainer import Report, TrainConfig, evaluate, make_optimizer, train, trainable_count
 
 
 @dataclass
@@ -47,13 +46,13 @@ class LoraConfig:
     data: str = field(default="data", metadata={"help": "folder with train.jsonl, valid.jsonl, test.jsonl"})
     train: bool = field(default=False, metadata={"help": "train adapters"})
     test: bool = field(default=False, metadata={"help": "report test loss and perplexity"})
-    fine_tune_type: str = field(default="lora", metadata={"help": "lora, dora or full"})
+    fine_tune_type: str = field(default="lora", metadata={"help": ", ".join(FINE_TUNE_TYPES)})
     num_layers: int = field(default=16, metadata={"help": "adapt the last N layers; -1 for all"})
     keys: str = field(default=",".join(DEFAULT_KEYS), metadata={"help": "comma-separated projections to adapt"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    scale: float = field(default=20.0, metadata={"help": "LoRA scale (multiplies B A)"})
-    alpha: float = field(default=0.0, metadata={"help": "if set, scale = alpha / rank (the PEFT convention)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    rank: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank"})
+    scale: float = field(default=DEFAULT_SCALE, metadata={"help": "LoRA scale (multiplies B A)"})
+    alpha: float = field(default=0.0, metadata={"help": "if set, the scale is alpha / rank (the PEFT convention)"})
+    dropout: float = field(default=DEFAULT_DROPOUT, metadata={"help": "dropout on the adapter input"})
     mask_prompt: bool = field(default=False, metadata={"help": "loss on completions / assistant turns only"})
     max_seq_length: int = field(default=2048, metadata={"help": "longer sequences are truncated"})
     pack_sequences: bool = field(default=False, metadata={"help": "pack text examples into full-length rows"})
@@ -62,10 +61,19 @@ class LoraConfig:
     test_batches: int = field(default=-1, metadata={"help": "test batches; -1 for all"})
 
     def __post_init__(self) -> None:
-        if self.fine_tune_type not in ("lora", "dora", "full"):
-            raise ValueError(f"fine-tune-type must be lora, dora or full, got {self.fine_tune_type!r}")
-        if self.alpha:
-            self.scale = self.alpha / self.rank
+        if self.fine_tune_type not in FINE_TUNE_TYPES:
+            raise UserError(f"fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}")
+        if self.rank < 1:
+            raise UserError(f"rank must be at least 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_seq_length < 2:
+            raise UserError(f"max-seq-length must be at least 2, got {self.max_seq_length}")
+
+    @property
+    def lora_scale(self) -> float:
+        """The scale the adapters use: alpha / rank when alpha is given, else `scale`."""
+        return self.alpha / self.rank if self.alpha else self.scale
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,81 +84,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_options(argv: list[str] | None) -> tuple[LoraConfig, TrainConfig]:
-    """Dataclass defaults < config file < command line; unknown keys in the file are an error."""
-    args = vars(build_parser().parse_args(argv))
-    path = args.pop("config")
-    values: dict[str, Any] = {}
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config file {path} not found.")
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of option: value.")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+def read_config_file(path: str) -> dict[str, Any]:
+    """option: value pairs of a YAML or JSON file, with their names and types checked."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} not found.")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid YAML or JSON ({e}).") from e
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a mapping of option: value.")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     names = {f.name for cls in (LoraConfig, TrainConfig) for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}.")
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}.")
+    for cls in (LoraConfig, TrainConfig):
+        check_types(cls, values, path)
+    return values
+
+
+def read_options(argv: list[str] | None) -> tuple[LoraConfig, TrainConfig]:
+    """Dataclass defaults < config file < command line."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config")
+    values = read_config_file(path) if path else {}
     values.update(args)
     split = lambda cls: {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
     return LoraConfig(**split(LoraConfig)), TrainConfig(**split(TrainConfig))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder: a failure (a full disk) leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: optim.Optimizer, step: int, best: bool, config: dict
-) -> None:
-    """Adapters (+ the best ones), optimizer state and step, each file replaced atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = adapter_weights(model)
-    _atomic_write(folder / "adapters.safetensors", lambda p: mx.save_safetensors(p, weights))
-    if best:
-        _atomic_write(folder / "best_adapters.safetensors", lambda p: mx.save_safetensors(p, weights))
-    state = dict(tree_flatten(optimizer.state))
-    _atomic_write(folder / "optimizer.safetensors", lambda p: mx.save_safetensors(p, state))
-    _atomic_write(
-        folder / "adapter_config.json", lambda p: Path(p).write_text(json.dumps({**config, "step": step}, indent=2))
-    )
-
-
-def load_data(cfg: LoraConfig, tokenizer: Any, needed: tuple[str, ...]) -> dict[str, list[Example]]:
-    """Every file needed, fully checked before any training starts."""
-    out = {}
-    for split in needed:
-        path = Path(cfg.data) / f"{split}.jsonl"
-        if split == "valid" and not path.is_file():
-            continue
-        examples = load_jsonl(path, tokenizer, cfg.mask_prompt)
-        if cfg.pack_sequences and split == "train":
-            examples = pack(examples, cfg.max_seq_length)
-        cut = truncate(examples, cfg.max_seq_length)
-        if cut:
-            print(
-                f"warning: {cut} of {len(examples)} {split} sequences were longer than {cfg.max_seq_length} tokens and were truncated",
-                file=sys.stderr,
-            )
-        out[split] = examples
-    return out
-
-
 def plot_losses(metrics: Path, out: Path) -> bool:
     """Train and validation loss against step, from metrics.jsonl; False without matplotlib."""
-    if plt is None or not metrics.is_file():
+    try:  # optional: pip install 'mlx_qwen2[plot]'. The Figure API needs no backend and changes no global state.
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    if not metrics.is_file():
         return False
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
@@ -160,7 +135,6 @@ def plot_losses(metrics: Path, out: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
     return True
 
 
@@ -178,66 +152,61 @@ def print_report(r: Report, metrics: Path | None) -> None:
             f.write(json.dumps({k: v for k, v in dataclasses.asdict(r).items() if v is not None}) + "\n")
 
 
+def run_training(cfg: LoraConfig, tcfg: TrainConfig, model: Any, data: dict, folder: Path) -> None:
+    keys = tuple(k for k in cfg.keys.split(",") if k)
+    config = adapter_config(cfg.fine_tune_type, cfg.num_layers, cfg.rank, cfg.lora_scale, cfg.dropout, keys)
+    mx.random.seed(tcfg.seed)  # adapter initialisation is random: make it reproducible
+    make_trainable(model, cfg.fine_tune_type, cfg.num_layers, cfg.rank, cfg.lora_scale, cfg.dropout, keys)
+    optimizer = make_optimizer(tcfg)
+    start = resume(folder, model, optimizer) if cfg.resume else 0
+    print(f"trainable parameters: {trainable_count(model):,}", file=sys.stderr)
+    model.train()
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = folder / "metrics.jsonl"
+    train(
+        model,
+        optimizer,
+        data["train"],
+        data.get("valid"),
+        tcfg,
+        save=lambda step, best: save_checkpoint(folder, model, optimizer, step, best, config),
+        report=lambda r: print_report(r, metrics),
+        start_step=start,
+    )
+    model.eval()
+    if plot_losses(metrics, folder / "loss.png"):
+        print(f"loss curve: {folder / 'loss.png'}", file=sys.stderr)
+
+
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     cfg, tcfg = read_options(argv)
     if not cfg.model:
-        raise ValueError("--model is required")
+        raise UserError("--model is required")
     if not (cfg.train or cfg.test):
-        raise ValueError("nothing to do: pass --train and/or --test")
-    model, tokenizer = load(cfg.model)
-    data = load_data(cfg, tokenizer, (("train", "valid") if cfg.train else ()) + (("test",) if cfg.test else ()))
+        raise UserError("nothing to do: pass --train and/or --test")
     folder = Path(cfg.adapter_path)
-    keys = tuple(k for k in cfg.keys.split(",") if k)
-    config = adapter_config(cfg.fine_tune_type, cfg.num_layers, cfg.rank, cfg.scale, cfg.dropout, keys)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--adapter-path {folder} is a file; choose a folder.")
+    blas_hint()
+    model, tokenizer = load(cfg.model)
+    splits = (("train", "valid") if cfg.train else ()) + (("test",) if cfg.test else ())
+    data, cut = load_splits(Path(cfg.data), tokenizer, splits, cfg.mask_prompt, cfg.max_seq_length, cfg.pack_sequences)
+    for split, n in cut.items():
+        if n:
+            print(
+                f"warning: {n} of {len(data[split])} {split} sequences were longer than {cfg.max_seq_length} tokens "
+                "and were truncated",
+                file=sys.stderr,
+            )
     if cfg.train:
-        mx.random.seed(tcfg.seed)  # adapter initialisation is random: make it reproducible
-        if cfg.fine_tune_type == "full":
-            model.freeze()
-            for layer in model.layers[-cfg.num_layers :] if cfg.num_layers != -1 else model.layers:
-                layer.unfreeze()
-        else:
-            apply_adapters(model, cfg.num_layers, cfg.rank, cfg.scale, cfg.dropout, keys, cfg.fine_tune_type == "dora")
-        optimizer = make_optimizer(tcfg)
-        start = 0
-        if cfg.resume:
-            start = resume(folder, model, optimizer)
-        print(f"trainable parameters: {trainable_count(model):,}", file=sys.stderr)
-        model.train()
-        metrics = folder / "metrics.jsonl"
-        folder.mkdir(parents=True, exist_ok=True)
-        train(
-            model,
-            optimizer,
-            data["train"],
-            data.get("valid"),
-            tcfg,
-            save=lambda step, best: save_checkpoint(folder, model, optimizer, step, best, config),
-            report=lambda r: print_report(r, metrics),
-            start_step=start,
-        )
-        model.eval()
-        if plot_losses(metrics, folder / "loss.png"):
-            print(f"loss curve: {folder / 'loss.png'}", file=sys.stderr)
+        run_training(cfg, tcfg, model, data, folder)
     elif cfg.test:
         load_adapters(model, folder)
     if cfg.test:
         loss = evaluate(model, data["test"], tcfg.batch_size, cfg.test_batches)
         print(f"test loss {loss:.4f}, test ppl {math.exp(loss):.3f}")
     return 0
-
-
-def resume(folder: Path, model: nn.Module, optimizer: optim.Optimizer) -> int:
-    """Load adapters, optimizer state and step from a checkpoint folder; returns the step."""
-    config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {folder}.")
-    weights = mx.load(str(folder / "adapters.safetensors"))
-    model.load_weights(list(weights.items()), strict=False)
-    state = mx.load(str(folder / "optimizer.safetensors"))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(state.items()))
-    return int(json.loads(config_path.read_text())["step"])
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ caches are allocated: a cache is any object with `offset` and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .errors import UserError, check_types
 
 
 class Cache(Protocol):
@@ -55,9 +57,21 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
-        """Build from a config.json dict, ignoring keys Qwen2 does not use."""
+        """Build from a config.json dict, ignoring keys Qwen2 does not use; UserError for a config it cannot use."""
+        model_type = config.get("model_type", "qwen2")
+        if model_type != "qwen2":
+            raise UserError(
+                f"model_type is {model_type!r}, not 'qwen2': mlx_qwen2 runs Qwen2 and Qwen2.5 dense checkpoints only."
+            )
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise UserError(
+                f"config.json lacks {', '.join(missing)}, which every Qwen2 config has; re-download or re-convert it."
+            )
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in names}
+        check_types(cls, kwargs, "config.json")
         # transformers >= 5 writes `rope_parameters` (theta inside) instead of
         # `rope_theta` + `rope_scaling`.
         params = config.get("rope_parameters")
@@ -69,22 +83,26 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if self.model_type != "qwen2":
-            raise ValueError(
+            raise UserError(
                 f"model_type is {self.model_type!r}, not 'qwen2': mlx_qwen2 runs Qwen2 and "
                 "Qwen2.5 dense checkpoints only."
             )
+        sizes = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise UserError(f"config.json: {name} must be at least 1, got {getattr(self, name)}.")
         if self.use_sliding_window:
-            raise ValueError(
+            raise UserError(
                 "use_sliding_window is true in config.json, and sliding-window attention is "
                 "not implemented; set it to false (Qwen2's released configs do) to use full "
                 "attention."
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+            raise UserError("hidden_size must be a multiple of num_attention_heads")
         if self.num_attention_heads % self.n_kv_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+            raise UserError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"rope_scaling type {self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
             )
 

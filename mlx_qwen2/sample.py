@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from .errors import UserError
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history ids, logits) -> logits
 
@@ -19,15 +21,15 @@ def validate_sampling(
 ) -> None:
     """Raise ValueError naming the first sampling setting out of range."""
     if temp < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temp}")
+        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temp}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+        raise UserError(f"top-p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top-k must be >= 0 (0 disables it), got {top_k}")
+        raise UserError(f"top-k must be >= 0 (0 disables it), got {top_k}")
     if not 0 <= min_p < 1:
-        raise ValueError(f"min-p must be in [0, 1), got {min_p}")
+        raise UserError(f"min-p must be in [0, 1), got {min_p}")
     if repetition_penalty <= 0:
-        raise ValueError(f"repetition penalty must be > 0 (1 disables it), got {repetition_penalty}")
+        raise UserError(f"repetition penalty must be > 0 (1 disables it), got {repetition_penalty}")
 
 
 def greedy(logits: mx.array) -> mx.array:

@@ -16,6 +16,9 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from .errors import UserError
+from .files import read_json
+
 QWEN2_EOS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -92,9 +95,12 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the model folder needs a tokenizer.json (fast tokenizer).")
-        tokenizer = HFTokenizer.from_file(str(path))
-        config = _read_json(folder / "tokenizer_config.json")
+            raise UserError(f"{path} not found: the model folder needs a tokenizer.json (fast tokenizer).")
+        try:
+            tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise UserError(f"{path} is not a valid tokenizer.json ({e}); re-download or re-convert the model.") from e
+        config = read_json(folder / "tokenizer_config.json", missing_ok=True)
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
@@ -152,18 +158,11 @@ class Tokenizer:
     ) -> list[int] | str:
         """Render messages with the checkpoint's chat template; token ids by default."""
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template; pass plain text instead (--no-chat-template).")
+            raise UserError("this tokenizer has no chat template; pass plain text instead (--no-chat-template).")
         text = _compile_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs
         )
         return self.encode(text) if tokenize else text
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _token_text(value: str | dict[str, Any]) -> str:

@@ -11,11 +11,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qwen2 import fast as fast_layers
-from mlx_qwen2.checkpoint import save_weights
+from mlx_qwen2.backends.cpu import layers as fast_layers
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load, load_model
-from mlx_qwen2.quantize import quantize_model
+from mlx_qwen2.quant.affine import quantize_model
+from mlx_qwen2.writer import save_weights
 from tests.tiny import make_checkpoint
 
 IDS = [[3, 99, 250, 17, 400, 8, 61, 5]]

@@ -8,7 +8,7 @@ import pytest
 
 from mlx_qwen2 import generate, load, stream_generate
 from mlx_qwen2.chat import ChatSession
-from mlx_qwen2.generation import GenerationConfig, _held_back
+from mlx_qwen2.generation import GenerationConfig, held_back
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,10 @@ def test_stop_string_is_cut_even_across_tokens(loaded):
     assert pieces[-1].finish_reason == "stop"
 
 
-def test_held_back():
-    assert _held_back("abc</", ["</s>"]) == 2
-    assert _held_back("abc", ["</s>"]) == 0
-    assert _held_back("x<", ["<|im_end|>", "<x"]) == 1
+def testheld_back():
+    assert held_back("abc</", ["</s>"]) == 2
+    assert held_back("abc", ["</s>"]) == 0
+    assert held_back("x<", ["<|im_end|>", "<x"]) == 1
 
 
 def test_seeded_sampling_reproducible(loaded):

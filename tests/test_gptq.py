@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mlx_qwen2.convert import main as convert_main
-from mlx_qwen2.gptq import gptq, pack
 from mlx_qwen2.loader import load
-from mlx_qwen2.quantize import dequantize_model
+from mlx_qwen2.quant.dequantize import dequantize_model
+from mlx_qwen2.quant.gptq import gptq, pack
 from tests.tiny import make_checkpoint
 
 

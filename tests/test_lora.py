@@ -12,12 +12,12 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_qwen2 import lora as lora_module
-from mlx_qwen2.adapters import DoRALinear, LoRALinear, apply_adapters, fuse_adapters
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.fuse import main as fuse_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
-from mlx_qwen2.trainer import trainable_count
+from mlx_qwen2.tuner.adapters import DoRALinear, LoRALinear, apply_adapters, fuse_adapters
+from mlx_qwen2.tuner.trainer import gradient_checkpointing, trainable_count
 from tests.tiny import make_checkpoint
 
 IDS = mx.array([[3, 99, 250, 17, 400, 8, 61, 5, 77, 123]])
@@ -340,19 +340,30 @@ def test_full_disk_keeps_last_good_checkpoint(base, tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(base):
-    from mlx_qwen2.trainer import checkpoint_layers
-
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(base, monkeypatch):
     model, _ = load(base)
-    apply_adapters(model, 2, rank=4)
+    apply_adapters(model, 3, rank=4)  # every layer: the backward pass goes through all three
     perturb(model, seed=5)
+    calls = []
+    real_attention = type(model.layers[0].self_attn).__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return real_attention(self, *args)
+
+    monkeypatch.setattr(type(model.layers[0].self_attn), "__call__", counted)
     plain = dict(tree_flatten(nn.value_and_grad(model, _loss)(model, IDS)[1]))
-    checkpoint_layers(model)
-    try:
+    plain_calls = len(calls)
+    calls.clear()
+    layer_class = type(model.layers[0])
+    with gradient_checkpointing(model):
         again = dict(tree_flatten(nn.value_and_grad(model, _loss)(model, IDS)[1]))
-    finally:
-        cls = type(model.layers[0])
-        cls.__call__, cls._checkpointed = cls._forward, False
+        checkpointed_calls = len(calls)
+        other, _ = load(base)  # another model of the same class is untouched
+        assert type(other.layers[0]) is layer_class
+    assert plain_calls == 3  # one forward pass per layer
+    assert checkpointed_calls == 2 * plain_calls  # and each again in the backward pass
+    assert type(model.layers[0]) is layer_class  # restored on exit
     for k in plain:
         np.testing.assert_allclose(np.array(again[k]), np.array(plain[k]), atol=1e-6)
 

@@ -11,7 +11,7 @@ import pytest
 
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
-from mlx_qwen2.quantize import RECIPES, is_sensitive_layer
+from mlx_qwen2.quant.recipes import RECIPES, is_sensitive_layer
 from tests.tiny import make_checkpoint
 
 IDS = [[3, 99, 250, 17, 400, 8, 61, 5]]

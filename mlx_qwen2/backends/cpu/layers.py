@@ -40,6 +40,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ...quant.dequantize import dequantize
+
 SMALL = 4  # tokens; above this, the float32 copy of the matrix is faster on CPU
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 SMALL_COPY_BLOCK = 1 << 19  # the same for up to SMALL tokens: ~30% faster decoding of 16-bit weights here
@@ -121,7 +123,7 @@ def quantized_product(group_size: int, bits: int) -> Callable[..., mx.array]:
     """(x, weight, scales, biases) -> x @ W.T for a quantized W, computed as described above."""
 
     def dense(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        return mx.dequantize(w, scales.astype(F32), biases.astype(F32), group_size=group_size, bits=bits)
+        return dequantize(w, scales, biases, group_size, bits, dtype=F32)
 
     def small(x32: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
         return mx.quantized_matmul(x32, w, scales, biases, transpose=True, group_size=group_size, bits=bits)

@@ -20,8 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .model import PROJECTIONS, Model
-from .quantize import dequantized, output_layer
+from ..model import PROJECTIONS, Model
+from .dequantize import dequantized
+from .recipes import output_layer
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:

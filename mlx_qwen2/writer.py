@@ -1,8 +1,8 @@
-"""Write a model folder atomically: safetensors shards, their index, JSON files.
+"""Write files and model folders atomically: safetensors shards, their index, JSON files.
 
-Everything is written into a hidden sibling folder that is renamed into place
-only when complete, so a crash, a full disk or Ctrl-C leaves either the old
-folder or the new one, never half of one.
+Everything is written into a hidden sibling (file or folder) that is renamed into
+place only when complete, so a crash, a full disk or Ctrl-C leaves either the old
+version or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from .errors import UserError
+
 MAX_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,32 +34,85 @@ TOKENIZER_FILES = (
 
 
 def check_output_dir(path: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty folder unless forced."""
+    """Refuse to overwrite a non-empty folder unless forced, and a file always."""
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is a file; choose another output path.")
+        raise UserError(f"{path} exists and is a file; choose another output path.")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise FileExistsError(f"{path} exists and is not empty; pass --force to replace it, or choose another path.")
+        raise UserError(f"{path} exists and is not empty; pass --force to replace it, or choose another path.")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{parent} is a file, so {path} cannot be created; choose another output path.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_leftovers(path: Path) -> None:
+    """Undo what an earlier swap into `path` left when its process died mid-way.
+
+    A `.NAME.old-PID` folder of a process that is gone is the previous `path`: put back if
+    `path` is missing (the process died between its two renames), removed otherwise.
+    """
+    for old in path.parent.glob(f".{path.name}.old-*"):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, path)
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` at `path`; on any exception the old `path` is back where it was."""
+    old = None
+    try:
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None and old.exists() and not path.exists():
+            os.rename(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # interrupted here: the next run removes what is left
 
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces `path` only if the block completes."""
     path = Path(path)
+    if path.parent.is_dir():
+        recover_leftovers(path)
     check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap(tmp, path)
     except BaseException:  # KeyboardInterrupt and a full disk included: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """`write(temporary path)`, then the file replaces `path`: a failure (a full disk) leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -18,32 +18,32 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .model import PROJECTIONS
+from ..errors import UserError
+from ..files import load_safetensors
+from ..model import PROJECTIONS
+from ..quant.dequantize import float_weight as _weight
+from ..quant.dequantize import in_dims as _in_dims
 
 DEFAULT_KEYS = PROJECTIONS
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
-
-
-def _weight(linear: nn.Module) -> mx.array:
-    """The float weight (out, in) of a Linear or QuantizedLinear."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
-    return linear.weight
-
-
-def _in_dims(linear: nn.Module) -> int:
-    if isinstance(linear, nn.QuantizedLinear):
-        return linear.weight.shape[1] * 32 // linear.bits
-    return linear.weight.shape[1]
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+# The one source of the adapter defaults (mlx-lm's: rank 8, scale 20, no dropout).
+DEFAULT_RANK, DEFAULT_SCALE, DEFAULT_DROPOUT = 8, 20.0, 0.0
 
 
 class LoRALinear(nn.Module):
     """A frozen Linear (or QuantizedLinear) plus a trainable low-rank update."""
 
-    def __init__(self, linear: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        linear: nn.Module,
+        rank: int = DEFAULT_RANK,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = DEFAULT_DROPOUT,
+    ):
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+            raise UserError(f"LoRA rank must be at least 1, got {rank}")
         in_dims, out_dims = _in_dims(linear), linear.weight.shape[0]
         self.linear = linear
         self.scale = scale
@@ -69,7 +69,13 @@ class LoRALinear(nn.Module):
 class DoRALinear(LoRALinear):
     """LoRA with a learned magnitude per output row (weight-decomposed low-rank adaptation)."""
 
-    def __init__(self, linear: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        linear: nn.Module,
+        rank: int = DEFAULT_RANK,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = DEFAULT_DROPOUT,
+    ):
         super().__init__(linear, rank, scale, dropout)
         self.m = mx.linalg.norm(_weight(linear).astype(mx.float32), axis=1)  # (out,)
 
@@ -95,29 +101,55 @@ def _linear(weight: mx.array, like: nn.Module) -> nn.Linear:
     return out
 
 
+def last_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The last `num_layers` decoder layers (-1: all of them)."""
+    layers = model.layers
+    if not 0 < num_layers <= len(layers) and num_layers != -1:
+        raise UserError(f"num-layers must be in 1..{len(layers)} (or -1 for all), got {num_layers}")
+    return layers if num_layers == -1 else layers[-num_layers:]
+
+
 def apply_adapters(
     model: nn.Module,
     num_layers: int,
-    rank: int = 8,
-    scale: float = 20.0,
-    dropout: float = 0.0,
+    rank: int = DEFAULT_RANK,
+    scale: float = DEFAULT_SCALE,
+    dropout: float = DEFAULT_DROPOUT,
     keys: tuple[str, ...] | list[str] | None = None,
     dora: bool = False,
 ) -> None:
     """Freeze the model and wrap `keys` of its last `num_layers` layers in trainable adapters."""
-    layers = model.layers
-    if not 0 < num_layers <= len(layers) and num_layers != -1:
-        raise ValueError(f"num_layers must be in 1..{len(layers)} (or -1 for all), got {num_layers}")
+    chosen = last_layers(model, num_layers)
     keys = tuple(keys or DEFAULT_KEYS)
     unknown = [k for k in keys if k not in DEFAULT_KEYS]
     if unknown:
-        raise ValueError(f"unknown adapter keys {unknown}; choose among {', '.join(DEFAULT_KEYS)}")
+        raise UserError(f"unknown adapter keys {unknown}; choose among {', '.join(DEFAULT_KEYS)}")
     model.freeze()
     cls = DoRALinear if dora else LoRALinear
-    chosen = layers if num_layers == -1 else layers[-num_layers:]
     for layer in chosen:
         wrapped = [(k, cls(m, rank, scale, dropout)) for k, m in layer.named_modules() if k in keys]
         layer.update_modules(tree_unflatten(wrapped))
+
+
+def make_trainable(
+    model: nn.Module,
+    fine_tune_type: str,
+    num_layers: int,
+    rank: int = DEFAULT_RANK,
+    scale: float = DEFAULT_SCALE,
+    dropout: float = DEFAULT_DROPOUT,
+    keys: tuple[str, ...] | list[str] | None = None,
+) -> None:
+    """Freeze the model, then make the part to train trainable: adapters (lora, dora) or whole layers (full)."""
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise UserError(f"fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {fine_tune_type!r}")
+    if fine_tune_type != "full":
+        apply_adapters(model, num_layers, rank, scale, dropout, keys, dora=fine_tune_type == "dora")
+        return
+    chosen = last_layers(model, num_layers)
+    model.freeze()
+    for layer in chosen:
+        layer.unfreeze()
 
 
 def fuse_adapters(model: nn.Module, dequantize: bool = False) -> None:
@@ -147,24 +179,34 @@ def adapter_config(
     return {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": params}
 
 
+def read_adapter_config(path: Path) -> tuple[str, int, dict[str, Any]]:
+    """(fine_tune_type, num_layers, lora_parameters) of an adapter_config.json, checked."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        kind, num_layers = config.get("fine_tune_type", "lora"), config["num_layers"]
+        params = config.get("lora_parameters") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        raise UserError(f"{path} is not a valid adapter config ({e!r}); re-train or re-download the adapters.") from e
+    if kind not in FINE_TUNE_TYPES:
+        raise UserError(f"{path}: unknown fine_tune_type {kind!r}")
+    if not isinstance(num_layers, int) or not isinstance(params, dict):
+        raise UserError(f"{path}: num_layers must be an integer and lora_parameters a mapping.")
+    return kind, num_layers, params
+
+
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> None:
     """Apply the adapters saved in a folder (ours or mlx-lm's) to a loaded model."""
     folder = Path(adapter_path)
     config_path, weights_path = folder / "adapter_config.json", folder / "adapters.safetensors"
     for p in (config_path, weights_path):
         if not p.is_file():
-            raise FileNotFoundError(
-                f"{p} not found: an adapter folder holds adapter_config.json and adapters.safetensors."
-            )
-    config = json.loads(config_path.read_text())
-    kind = config.get("fine_tune_type", "lora")
-    if kind not in ("lora", "dora", "full"):
-        raise ValueError(f"{config_path}: unknown fine_tune_type {kind!r}")
+            raise UserError(f"{p} not found: an adapter folder holds adapter_config.json and adapters.safetensors.")
+    kind, num_layers, p = read_adapter_config(config_path)
     if kind != "full":
-        p = config.get("lora_parameters") or {}
         keys = [k for k in p.get("keys") or DEFAULT_KEYS]
-        apply_adapters(model, config["num_layers"], p.get("rank", 8), p.get("scale", 20.0), 0.0, keys, kind == "dora")
-    weights = mx.load(str(weights_path))
+        rank, scale = p.get("rank", DEFAULT_RANK), p.get("scale", DEFAULT_SCALE)
+        apply_adapters(model, num_layers, rank, scale, 0.0, keys, kind == "dora")
+    weights = load_safetensors(weights_path)
     params = dict(tree_flatten(model.parameters()))
     bad = [
         f"{k} {tuple(w.shape)} (model: {tuple(params[k].shape) if k in params else 'absent'})"
@@ -174,6 +216,6 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> None:
         or (kind != "full" and k.rpartition(".")[2] not in ADAPTER_LEAVES)
     ]
     if bad:
-        raise ValueError(f"the adapters in {folder} do not fit this model (another model's?): {'; '.join(bad[:3])}")
+        raise UserError(f"the adapters in {folder} do not fit this model (another model's?): {'; '.join(bad[:3])}")
     model.load_weights(list(weights.items()), strict=False)
     model.eval()

@@ -16,7 +16,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .tokenizer import Tokenizer
+from ..errors import UserError
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -41,17 +42,17 @@ def _spans_of_messages(tok: Tokenizer, messages: list[dict[str, Any]]) -> Exampl
 def encode_line(tok: Tokenizer, record: Any, mask_prompt: bool) -> Example:
     """One jsonl record -> tokens and loss weights; raises ValueError describing a malformed record."""
     if not isinstance(record, dict):
-        raise ValueError("expected a JSON object")
+        raise UserError("expected a JSON object")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages
         ):
-            raise ValueError('"messages" must be a list of {"role": ..., "content": ...}')
+            raise UserError('"messages" must be a list of {"role": ..., "content": ...}')
         ex = _spans_of_messages(tok, messages)
     elif "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
-            raise ValueError('"prompt" and "completion" must be strings')
+            raise UserError('"prompt" and "completion" must be strings')
         if tok.chat_template:
             msgs = [
                 {"role": "user", "content": record["prompt"]},
@@ -64,32 +65,57 @@ def encode_line(tok: Tokenizer, record: Any, mask_prompt: bool) -> Example:
             ex = Example(tokens, [0] * len(prompt) + [1] * (len(tokens) - len(prompt)))
     elif "text" in record:
         if not isinstance(record["text"], str):
-            raise ValueError('"text" must be a string')
+            raise UserError('"text" must be a string')
         tokens = tok.encode(record["text"]) + sorted(tok.eos_token_ids)[:1]
         ex = Example(tokens, [1] * len(tokens))
     else:
-        raise ValueError('expected a "text", "messages" or "prompt" + "completion" field')
+        raise UserError('expected a "text", "messages" or "prompt" + "completion" field')
     if not mask_prompt:
         ex.weights = [1] * len(ex.tokens)
     return ex
 
 
 def load_jsonl(path: Path, tok: Tokenizer, mask_prompt: bool) -> list[Example]:
-    """Every line of a file, or a ValueError naming the file and line of the first bad one."""
+    """Every line of a file, or a UserError naming the file and line of the first bad one."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found.")
+        raise UserError(f"{path} not found.")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                examples.append(encode_line(tok, json.loads(line), mask_prompt))
+                line = raw.decode("utf-8")
+                if line.strip():
+                    examples.append(encode_line(tok, json.loads(line), mask_prompt))
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}, line {n}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8."
+                ) from e
             except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}, line {n}: {e}") from e
+                raise UserError(f"{path}, line {n}: {e}") from e
     if not examples:
-        raise ValueError(f"{path} has no examples.")
+        raise UserError(f"{path} has no examples.")
     return examples
+
+
+def load_splits(
+    folder: Path, tok: Tokenizer, splits: tuple[str, ...], mask_prompt: bool, max_len: int, pack_train: bool = False
+) -> tuple[dict[str, list[Example]], dict[str, int]]:
+    """`{split}.jsonl` of a folder, each checked whole, packed (train, if asked) and cut to `max_len` tokens.
+
+    Returns the examples by split and how many sequences of each split were cut. A missing
+    valid.jsonl is allowed (no validation); any other missing split is an error.
+    """
+    out, cut = {}, {}
+    for split in splits:
+        path = Path(folder) / f"{split}.jsonl"
+        if split == "valid" and not path.is_file():
+            continue
+        examples = load_jsonl(path, tok, mask_prompt)
+        if pack_train and split == "train":
+            examples = pack(examples, max_len)
+        cut[split] = truncate(examples, max_len)
+        out[split] = examples
+    return out, cut
 
 
 def truncate(examples: list[Example], max_len: int) -> int:

@@ -21,14 +21,22 @@ CANDIDATES = (
     "libopenblas.so",
 )
 
-in_use: str = "reference BLAS (MLX's default)" if sys.platform == "linux" else "platform default (Accelerate / GPU)"
+REFERENCE = "reference BLAS (MLX's default)"
+OFF = ("off", "0", "none")  # values of MLX_QWEN2_BLAS that opt out
+
+in_use: str = REFERENCE if sys.platform == "linux" else "platform default (Accelerate / GPU)"
+
+
+def on_reference_blas() -> bool:
+    """Whether MLX's CPU products run on the slow reference BLAS without the user having asked for it."""
+    return in_use == REFERENCE and os.environ.get("MLX_QWEN2_BLAS", "").lower() not in OFF
 
 
 def preload() -> str:
     """Load the first optimized BLAS found; returns a description of the BLAS in use."""
     global in_use
     choice = os.environ.get("MLX_QWEN2_BLAS", "")
-    if sys.platform != "linux" or choice.lower() in ("off", "0", "none"):
+    if sys.platform != "linux" or choice.lower() in OFF:
         return in_use
     if "mlx.core" in sys.modules:
         return in_use  # too late: MLX has already bound its BLAS symbols

@@ -6,10 +6,13 @@ and checkpoints are written through a `save` function the caller provides.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +20,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..errors import UserError
 from .data import Example, batches, training_batches
 
 
@@ -43,10 +47,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"optimizer must be adamw, adam or sgd, got {self.optimizer!r}")
+            raise UserError(f"optimizer must be adamw, adam or sgd, got {self.optimizer!r}")
         for name in ("batch_size", "iters", "grad_accumulation", "steps_per_report", "steps_per_eval", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+                raise UserError(f"{name.replace('_', '-')} must be at least 1")
 
 
 def loss_fn(model: nn.Module, tokens: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
@@ -74,22 +78,36 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.SGD(learning_rate=schedule)
 
 
-def checkpoint_layers(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
-    cls = type(model.layers[0])
-    if getattr(cls, "_checkpointed", False):
-        return
-    forward = cls.__call__
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of a layer class whose forward pass is recomputed in the backward pass."""
 
-    def checkpointed(layer: nn.Module, x: mx.array, mask: object, cache: object) -> mx.array:
-        def inner(params: dict, x: mx.array) -> mx.array:
-            layer.update(params)
-            return forward(layer, x, mask, cache)
+    def __call__(self: nn.Module, *args: Any) -> mx.array:
+        def inner(params: dict, *inputs: Any) -> mx.array:
+            self.update(params)
+            return cls.__call__(self, *inputs)
 
-        return mx.checkpoint(inner)(layer.trainable_parameters(), x)
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args)
 
-    cls._forward = forward  # kept, so the patch can be undone
-    cls.__call__, cls._checkpointed = checkpointed, True
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+@contextmanager
+def gradient_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Within the block, recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    Only this model's layers change (their class is swapped for a checkpointed subclass), and
+    only until the block ends; parameter names, and so saved adapters, stay the same.
+    """
+    layers = list(model.layers)
+    classes = [type(layer) for layer in layers]
+    for layer, cls in zip(layers, classes):
+        layer.__class__ = _checkpointed_class(cls)
+    try:
+        yield
+    finally:
+        for layer, cls in zip(layers, classes):
+            layer.__class__ = cls
 
 
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, max_batches: int = -1) -> float:
@@ -116,6 +134,62 @@ class Report:
     trained_tokens: int = 0
 
 
+def make_step(
+    model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConfig
+) -> Callable[[Iterator], tuple[float, float]]:
+    """One optimizer step over `cfg.grad_accumulation` batches of an iterator; returns (mean loss, weighted tokens)."""
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(data: Iterator[tuple[mx.array, mx.array]]) -> tuple[float, float]:
+        grads, total, count = None, mx.array(0.0), mx.array(0.0)
+        for _ in range(cfg.grad_accumulation):
+            tokens, weights = next(data)
+            (loss, n), g = value_and_grad(model, tokens, weights)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total, count = total + loss * n, count + n
+        if cfg.grad_accumulation > 1:
+            grads = tree_map(lambda x: x / cfg.grad_accumulation, grads)
+        if cfg.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        mx.eval(state, total, count)
+        return float(total / mx.maximum(count, 1)), float(count)
+
+    return step
+
+
+class _Window:
+    """Training steps since the last report: their losses, tokens and time."""
+
+    def __init__(self) -> None:
+        self.trained = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.losses: list[float] = []
+        self.tokens, self.tic = 0.0, time.perf_counter()
+
+    def add(self, loss: float, tokens: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.trained += int(tokens)
+
+    def report(self, step: int, learning_rate: float) -> Report:
+        elapsed = time.perf_counter() - self.tic
+        r = Report(
+            step,
+            train_loss=float(np.mean(self.losses)),
+            learning_rate=learning_rate,
+            iters_per_sec=len(self.losses) / elapsed,
+            tokens_per_sec=self.tokens / elapsed,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            trained_tokens=self.trained,
+        )
+        self.restart()
+        return r
+
+
 def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -127,59 +201,31 @@ def train(
     start_step: int = 0,
 ) -> float | None:
     """Train from `start_step` to cfg.iters; `save(step, is_best)` writes a checkpoint. Returns the best val loss."""
-    if cfg.grad_checkpoint:
-        checkpoint_layers(model)
-    mx.random.seed(cfg.seed + start_step)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
-    # The same batches in the same order whether or not the run was resumed.
-    data = training_batches(train_set, cfg.batch_size, cfg.seed, skip=start_step * cfg.grad_accumulation)
-    best, stale = math.inf, 0
-    if val_set and start_step == 0:  # where training starts from, for comparison
-        report(Report(0, val_loss=evaluate(model, val_set, cfg.batch_size, cfg.val_batches)))
-    losses, tic, window_tokens, trained = [], time.perf_counter(), 0.0, 0
-    for step in range(start_step + 1, cfg.iters + 1):
-        grads, step_loss, step_tokens = None, mx.array(0.0), mx.array(0.0)
-        for _ in range(cfg.grad_accumulation):
-            tokens, weights = next(data)
-            (loss, n), g = value_and_grad(model, tokens, weights)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            step_loss, step_tokens = step_loss + loss * n, step_tokens + n
-        if cfg.grad_accumulation > 1:
-            grads = tree_map(lambda x: x / cfg.grad_accumulation, grads)
-        if cfg.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.update(model, grads)
-        mx.eval(state, step_loss, step_tokens)
-        losses.append(float(step_loss / mx.maximum(step_tokens, 1)))
-        window_tokens += float(step_tokens)
-        trained += int(step_tokens)
-        if step % cfg.steps_per_report == 0 or step == cfg.iters:
-            elapsed = time.perf_counter() - tic
-            report(
-                Report(
-                    step,
-                    train_loss=float(np.mean(losses)),
-                    learning_rate=float(optimizer.learning_rate),
-                    iters_per_sec=len(losses) / elapsed,
-                    tokens_per_sec=window_tokens / elapsed,
-                    peak_memory_gb=mx.get_peak_memory() / 1e9,
-                    trained_tokens=trained,
-                )
-            )
-            losses, window_tokens, tic = [], 0.0, time.perf_counter()
-        is_best = False
-        if val_set and (step % cfg.steps_per_eval == 0 or step == cfg.iters):
-            val = evaluate(model, val_set, cfg.batch_size, cfg.val_batches)
-            is_best, stale = (True, 0) if val < best else (False, stale + 1)
-            best = min(best, val)
-            report(Report(step, val_loss=val, peak_memory_gb=mx.get_peak_memory() / 1e9))
-            tic = time.perf_counter()  # evaluation time is not training speed
-        if step % cfg.save_every == 0 or step == cfg.iters or is_best:
-            save(step, is_best)
-        if cfg.early_stop and stale >= cfg.early_stop:
-            save(step, False)
-            break
+    with gradient_checkpointing(model) if cfg.grad_checkpoint else nullcontext():
+        mx.random.seed(cfg.seed + start_step)
+        step_once = make_step(model, optimizer, cfg)
+        # The same batches in the same order whether or not the run was resumed.
+        data = training_batches(train_set, cfg.batch_size, cfg.seed, skip=start_step * cfg.grad_accumulation)
+        best, stale = math.inf, 0
+        if val_set and start_step == 0:  # where training starts from, for comparison
+            report(Report(0, val_loss=evaluate(model, val_set, cfg.batch_size, cfg.val_batches)))
+        window = _Window()
+        for step in range(start_step + 1, cfg.iters + 1):
+            window.add(*step_once(data))
+            if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                report(window.report(step, float(optimizer.learning_rate)))
+            is_best = False
+            if val_set and (step % cfg.steps_per_eval == 0 or step == cfg.iters):
+                val = evaluate(model, val_set, cfg.batch_size, cfg.val_batches)
+                is_best, stale = (True, 0) if val < best else (False, stale + 1)
+                best = min(best, val)
+                report(Report(step, val_loss=val, peak_memory_gb=mx.get_peak_memory() / 1e9))
+                window.tic = time.perf_counter()  # evaluation time is not training speed
+            if step % cfg.save_every == 0 or step == cfg.iters or is_best:
+                save(step, is_best)
+            if cfg.early_stop and stale >= cfg.early_stop:
+                save(step, False)
+                break
     return best if best < math.inf else None
 
 

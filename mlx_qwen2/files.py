@@ -1,0 +1,56 @@
+"""Reading a model folder's files (JSON, safetensors), checked, so that a bad file is a clear error, not a crash.
+
+Knows nothing of models; tensors are returned lazily (nothing is read until evaluated).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import UserError
+
+
+def read_json(path: Path, missing_ok: bool = False) -> dict[str, Any]:
+    """A JSON object from a file; {} for a missing file when `missing_ok`."""
+    if missing_ok and not path.is_file():
+        return {}
+    if not path.is_file():
+        raise UserError(f"{path} not found.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-download or re-convert the model.") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object; re-download or re-convert the model.")
+    return data
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise UserError if a safetensors file is truncated or its header is corrupt."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UserError(f"{path} is not a valid safetensors file ({e}); re-download or re-convert it.") from e
+    if 8 + n + end > size:
+        raise UserError(
+            f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}; "
+            "re-download or re-convert it."
+        )
+
+
+def load_safetensors(path: Path) -> dict[str, mx.array]:
+    """The tensors of one checked file, lazily."""
+    check_safetensors(path)
+    return mx.load(str(path))

@@ -1,0 +1,1 @@
+"""Quantization: affine grouped quantization, mixed recipes, GPTQ, and the one dequantize helper."""
