@@ -14,8 +14,8 @@ import mlx_qwen2  # noqa: F401  (before mlx.core: picks the optimized BLAS)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from examples.fetch_model import SHA256, cache_dir, gguf_path  # noqa: E402
 from mlx_qwen2.convert import main as convert_main  # noqa: E402
-from tests.real_model import SHA256, cache_dir, gguf_path  # noqa: E402
 
 # Held-out text for a coder model: modules of Python's standard library (not in the calibration sample).
 EVAL_FILES = ("textwrap.py", "json/decoder.py", "heapq.py", "bisect.py", "fnmatch.py")
@@ -32,6 +32,34 @@ def real_model_folder() -> Path:
 def eval_text() -> str:
     lib = Path(sysconfig.get_paths()["stdlib"])
     return "\n\n".join((lib / f).read_text() for f in EVAL_FILES)
+
+
+CHINESE_MAN_PAGE = Path("/usr/share/man/zh_CN/man1/bash.1.gz")  # Debian's manpages-zh
+
+
+def held_out_texts() -> dict[str, str]:
+    """Texts of three kinds that no calibration or tuning choice of ours was made on.
+
+    - code: Python's email/message.py and http/client.py;
+    - English prose: the Python documentation's topic pages (pydoc_data);
+    - Chinese: the Chinese translation of the bash manual (`apt install manpages-zh`), roff markup removed.
+    """
+    import gzip
+    import re
+    from pydoc_data.topics import topics
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    code = "\n\n".join((lib / f).read_text() for f in ("email/message.py", "http/client.py"))
+    prose = "\n\n".join(topics[k] for k in sorted(topics))
+    if not CHINESE_MAN_PAGE.is_file():
+        raise SystemExit(f"{CHINESE_MAN_PAGE} not found: install Debian's manpages-zh (apt install manpages-zh).")
+    lines = gzip.decompress(CHINESE_MAN_PAGE.read_bytes()).decode("utf-8").splitlines()
+    chinese = "\n".join(
+        re.sub(r"\\f[BIRP]|\\\(\w\w|\\-|\\&", "", re.sub(r"^\.\w+\s*", "", line))
+        for line in lines
+        if re.search("[\u4e00-\u9fff]", line) and not line.startswith('.\\"')
+    )
+    return {"code (email, http.client)": code, "English prose (Python docs)": prose, "Chinese (bash manual)": chinese}
 
 
 def perplexity(model, ids: list[int], window: int = 512) -> float:

