@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     blas_hint()
     model, tokenizer = load(args.model, dtype=args.dtype)
     session = ChatSession(model, tokenizer, args.system)
-    print("Type a message; '/reset' starts over, '/quit' or Ctrl-D ends.", file=sys.stderr)
+    if sys.stdin.isatty():
+        print("Type a message; '/reset' starts over, '/quit' or Ctrl-D ends.", file=sys.stderr)
     while True:
         try:
             text = input(">> ")

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .errors import UserError
-from .loader import DTYPES, load_model, load_weights, read_config
+from .loader import DTYPES, eos_ids, load_model, load_weights, read_config
 from .model import Model, ModelArgs
 from .quant.affine import (
     DEFAULT_BITS,
@@ -29,6 +30,7 @@ from .quant.affine import (
 )
 from .quant.dequantize import dequantize
 from .quant.gptq import quantize_gptq
+from .tokenizer import Tokenizer
 from .writer import check_output_dir, write_model_folder
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -149,6 +151,21 @@ def check_source(src: Path, source: dict[str, Any], options: ConvertOptions) -> 
         raise UserError(f"{src} is not quantized; there is nothing to --dequantize.")
 
 
+def check_shapes(src: Path, model: Model, weights: dict[str, mx.array]) -> None:
+    """UserError unless the checkpoint holds every tensor config.json implies, each of the shape it implies."""
+    expected = dict(tree_flatten(model.parameters()))
+    packed = {k.rpartition(".")[0] for k in weights if k.endswith(".scales")}
+    missing = sorted(set(expected) - set(weights))
+    wrong = [
+        f"{k} {tuple(w.shape)} (config.json implies {tuple(expected[k].shape)})"
+        for k, w in weights.items()
+        if k in expected and k.rpartition(".")[0] not in packed and w.shape != expected[k].shape
+    ]
+    if missing or wrong:
+        found = [f"missing {', '.join(missing[:3])}"] if missing else []
+        raise UserError(f"the weights in {src} do not match its config.json: {'; '.join(found + wrong[:3])}.")
+
+
 def convert(
     src: Path, out: Path, options: ConvertOptions | None = None, force: bool = False, progress: Progress | None = None
 ) -> Summary:
@@ -160,9 +177,12 @@ def convert(
     options = options or ConvertOptions()
     source = read_config(src)
     args = ModelArgs.from_dict(source)
+    Tokenizer.from_folder(src, eos_ids(src))  # copied as they are: broken files would make a broken output
     check_source(src, source, options)
     check_output_dir(out, force)
-    weights = Model(args).sanitize(load_weights(src))  # lazy: nothing is read yet
+    model = Model(args)
+    weights = model.sanitize(load_weights(src))  # lazy: nothing is read yet
+    check_shapes(src, model, weights)
     config, plan = output_config(source, args, options, weights)
     stats = {"bits": 0.0, "params": 0.0}
     if options.calibration is not None and plan is not None:

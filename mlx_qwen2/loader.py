@@ -131,7 +131,11 @@ def load_model(folder: Path, dtype: mx.Dtype | str | None = None, lazy: bool = F
     dtype = as_dtype(dtype)
     config = read_config(folder)
     args = ModelArgs.from_dict(config)
-    model = Model(args)
+    return _with_weights(Model(args), folder, config, dtype, lazy)
+
+
+def _with_weights(model: Model, folder: Path, config: dict[str, Any], dtype: mx.Dtype | None, lazy: bool) -> Model:
+    """Set the checkpoint's weights (quantized layers first, where config.json says so)."""
     weights = model.sanitize(load_weights(folder))
     apply_quantization(model, config, weights)
     if dtype is not None:
@@ -171,8 +175,11 @@ def load(
     LoRA/DoRA adapters saved by `python -m mlx_qwen2.lora` (or by mlx-lm).
     """
     folder = resolve_path(path_or_id, revision)
-    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))  # first: cheap, and often the bad file
-    model = load_model(folder, dtype=dtype, lazy=lazy)
+    dtype = as_dtype(dtype)
+    config = read_config(folder)
+    model = Model(ModelArgs.from_dict(config))  # no weights yet: a wrong folder is told by its config first
+    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
+    _with_weights(model, folder, config, dtype, lazy)
     if fast:
         use_fast_layers(model)
     if adapter_path is not None:

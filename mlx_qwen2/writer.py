@@ -79,8 +79,11 @@ def _swap(tmp: Path, path: Path) -> None:
             os.rename(path, old)
         os.rename(tmp, path)
     except BaseException:
-        if old is not None and old.exists() and not path.exists():
-            os.rename(old, path)
+        if old is not None and old.exists():
+            if path.exists():  # the new folder made it into place: the old one is no longer wanted
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, path)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # interrupted here: the next run removes what is left
