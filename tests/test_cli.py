@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import io
+
+import mlx.core as mx
+import pytest
 
 from mlx_qwen2 import generate, load
 from mlx_qwen2.chat import main as chat_main
+from mlx_qwen2.errors import UserError
 from mlx_qwen2.generate import main as generate_main
+
+CLI_MODULES = ["generate", "chat", "convert", "lora", "fuse"]
 
 
 def test_generate_streams_and_reports(tiny_untied, capsys):
@@ -32,4 +39,39 @@ def test_chat_cli_two_turns(tiny_untied, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nMore please\n"))
     assert chat_main(["--model", str(tiny_untied), "--max-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.count(">> ") == 3  # two turns, then end of input
+    # Oracle: the replies a fresh generation over the whole conversation gives, turn by turn.
+    model, tok = load(tiny_untied)
+    messages, replies = [], []
+    for text in ("Hi", "More please"):
+        messages.append({"role": "user", "content": text})
+        reply = generate(model, tok, tok.apply_chat_template(messages, add_generation_prompt=True), max_tokens=3)
+        messages.append({"role": "assistant", "content": reply})
+        replies.append(reply)
+    assert out == "".join(f">> {r}\n" for r in replies) + ">> "  # each prompt, its reply, then end of input
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", mx.float16])
+def test_load_accepts_dtype_names(tiny_untied, dtype):
+    model, _ = load(tiny_untied, dtype=dtype, fast=False)
+    expected = dtype if isinstance(dtype, mx.Dtype) else getattr(mx, dtype)
+    assert model.layers[0].mlp.up_proj.weight.dtype == expected
+
+
+def test_load_rejects_unknown_dtype_names(tiny_untied):
+    with pytest.raises(UserError, match="float32"):
+        load(tiny_untied, dtype="float64")
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_help_in_process(module, capsys):
+    main = importlib.import_module(f"mlx_qwen2.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert f"python -m mlx_qwen2.{module}" in capsys.readouterr().out
+
+
+def test_lora_help_shows_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module("mlx_qwen2.lora").main(["--help"])
+    assert "10% of the peak" in capsys.readouterr().out

@@ -61,11 +61,22 @@ def test_eos_stops(loaded):
 
 def test_stop_string_is_cut_even_across_tokens(loaded):
     model, tok = loaded
-    full = generate(model, tok, "café", max_tokens=30)
-    stop = full[5:8]  # three characters somewhere in the middle
+    full_pieces = list(stream_generate(model, tok, "café", max_tokens=30))
+    full = "".join(r.text for r in full_pieces)
+    # A stop string that spans a token boundary, a few tokens in: the text up to it is a strict prefix.
+    ends = [len("".join(r.text for r in full_pieces[:i])) for i in range(1, len(full_pieces))]
+    boundary = next(e for e in ends if e >= 6 and full[e - 2 : e + 2].strip() and len(full) > e + 2)
+    stop = full[boundary - 2 : boundary + 2]
+    assert len(stop) == 4 and full.find(stop) > 0
     pieces = list(stream_generate(model, tok, "café", max_tokens=30, stop=[stop]))
-    assert "".join(r.text for r in pieces) == full[: full.find(stop)]
-    assert pieces[-1].finish_reason == "stop"
+    text = "".join(r.text for r in pieces)
+    assert text == full[: full.find(stop)] and len(text) < len(full)
+    assert pieces[-1].finish_reason == "stop" and len(pieces) < len(full_pieces)  # and it stopped generating
+
+
+def test_empty_stop_string_is_ignored(loaded):
+    model, tok = loaded
+    assert generate(model, tok, "café", max_tokens=8, stop=[""]) == generate(model, tok, "café", max_tokens=8)
 
 
 def testheld_back():
@@ -74,11 +85,35 @@ def testheld_back():
     assert held_back("x<", ["<|im_end|>", "<x"]) == 1
 
 
-def test_seeded_sampling_reproducible(loaded):
+def tokens_of(model, tok, prompt, max_tokens=10, **settings):
+    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=max_tokens, **settings)]
+
+
+def test_seeded_sampling_reproducible_and_temperature_used(loaded):
     model, tok = loaded
-    a = generate(model, tok, "Hello", max_tokens=10, temp=1.0, seed=42)
-    b = generate(model, tok, "Hello", max_tokens=10, temp=1.0, seed=42)
-    assert a == b
+    a = tokens_of(model, tok, "Hello", temp=1.0, seed=42)
+    assert a == tokens_of(model, tok, "Hello", temp=1.0, seed=42)  # same seed, same draw
+    assert a != tokens_of(model, tok, "Hello", temp=1.0, seed=43)  # another seed, another draw
+    greedy = tokens_of(model, tok, "Hello")
+    assert a != greedy  # sampling at temperature 1 is not greedy (a random tiny model is far from peaked)
+    assert tokens_of(model, tok, "Hello", temp=1e-4, seed=42) == greedy  # and a tiny temperature is
+
+
+def test_repetition_penalty_in_the_decode_loop(loaded):
+    """Oracle: a full recompute at every step, the penalty applied by hand to the last 3 tokens."""
+    model, tok = loaded
+    ids = tok.encode("The quick brown fox")
+    penalty, context = 3.0, 3
+    out = list(ids)
+    for _ in range(12):
+        logits = np.array(model(mx.array([out]))[0, -1])
+        for t in set(out[-context:]):
+            logits[t] = logits[t] * penalty if logits[t] < 0 else logits[t] / penalty
+        out.append(int(logits.argmax()))
+    expected = out[len(ids) :]
+    got = tokens_of(model, tok, ids, max_tokens=12, repetition_penalty=penalty, repetition_context_size=context)
+    assert got == expected
+    assert got != recompute_greedy(model, ids, 12)  # the penalty changes this continuation
 
 
 def test_prompt_longer_than_context(loaded):

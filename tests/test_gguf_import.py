@@ -34,7 +34,13 @@ def test_import_reproduces_the_source(tiny_gguf, tiny_untied, tmp_path):
     np.testing.assert_allclose(np.array(ours(mx.array([ids]))[0]), hf_logits(hf_model(tiny_untied), ids), atol=1e-4)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is False
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == sorted(tok.eos_token_ids)[::-1]
+    # End tokens, from a source other than the GGUF: the source folder's own tokenizer and generation config
+    source_tok = AutoTokenizer.from_pretrained(tiny_untied)
+    source_eos = json.loads((tiny_untied / "generation_config.json").read_text())["eos_token_id"]
+    end_ids = [source_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert source_eos == end_ids  # what the source says, ...
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == end_ids  # ... the import says
+    assert tok.eos_token_ids == set(end_ids)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
 
 

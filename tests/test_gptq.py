@@ -24,9 +24,10 @@ def test_pack_matches_mlx(bits):
     assert (pack(q, bits) == np.array(packed)).all()
 
 
-def correlated_inputs(n: int, dim: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+def correlated_inputs(n: int, dim: int, sample_seed: int, mix_seed: int = 1) -> np.ndarray:
+    """Inputs from one distribution (fixed by `mix_seed`); `sample_seed` draws a fresh sample of it."""
+    mix = np.random.default_rng(mix_seed).normal(size=(dim, dim)) / np.sqrt(dim)
+    rng = np.random.default_rng(sample_seed)
     x = rng.normal(size=(n, dim)) @ mix + rng.normal(size=(n, dim)) * 0.1
     x[:, :4] *= 8  # a few outlier channels, as real activations have
     return x.astype(np.float32)
@@ -36,12 +37,13 @@ def correlated_inputs(n: int, dim: int, seed: int) -> np.ndarray:
 def test_layer_output_error_below_round_to_nearest(bits):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 256)).astype(np.float32) * 0.05
-    x = correlated_inputs(2048, 256, 1)
+    x = correlated_inputs(2048, 256, sample_seed=1)
     q, scales, biases = gptq(w, x.T.astype(np.float64) @ x, bits, 64)
     w_gptq = q * np.repeat(scales, 64, 1) + np.repeat(biases, 64, 1)
     packed, s, b = mx.quantize(mx.array(w), 64, bits)
     w_rtn = np.array(mx.dequantize(packed, s, b, 64, bits))
-    x_test = correlated_inputs(1024, 256, 1)[:512]  # same distribution
+    x_test = correlated_inputs(512, 256, sample_seed=2)  # the same distribution, inputs the calibration never saw
+    assert not (x_test[:, None, :8] == x[None, :, :8]).all(-1).any()  # no test row is a calibration row
     err_gptq = np.linalg.norm(x_test @ (w - w_gptq).T)
     err_rtn = np.linalg.norm(x_test @ (w - w_rtn).T)
     assert err_gptq < 0.8 * err_rtn
@@ -61,7 +63,10 @@ def test_calibrated_conversion(tmp_path):
     config = json.loads((gq / "config.json").read_text())
     assert config["quantization"] == {"group_size": 32, "bits": 3, "mode": "affine"}
     ref, tok = load(src)
-    ids = mx.array([tok.encode("def f7(x):\n    return x * 7 + 49\n")])
+    # Held out: code of the same kind, but no line of it is in the calibration data.
+    held_out = "def g(y):\n    return y - 3\n\ndef h(a, b):\n    return a * b + 1000\n\nclass Box:\n    size = 12\n"
+    assert not any(line.strip() and line in data.read_text() for line in held_out.splitlines())
+    ids = mx.array([tok.encode(held_out)])
     target = np.array(ref(ids))
     errors = {}
     for name, folder in (("gptq", gq), ("rtn", rtn)):

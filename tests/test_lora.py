@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -17,7 +19,15 @@ from mlx_qwen2.fuse import main as fuse_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
 from mlx_qwen2.tuner.adapters import DoRALinear, LoRALinear, apply_adapters, fuse_adapters
-from mlx_qwen2.tuner.trainer import gradient_checkpointing, trainable_count
+from mlx_qwen2.tuner.data import Example, pack
+from mlx_qwen2.tuner.trainer import (
+    TrainConfig,
+    gradient_checkpointing,
+    loss_fn,
+    make_optimizer,
+    make_step,
+    trainable_count,
+)
 from tests.tiny import make_checkpoint
 
 IDS = mx.array([[3, 99, 250, 17, 400, 8, 61, 5, 77, 123]])
@@ -390,16 +400,98 @@ def test_early_stopping(base, tmp_path):
     assert max(steps) == 3  # step 1 sets the best, steps 2 and 3 do not beat it
 
 
-@pytest.mark.parametrize(
-    "flags", [["--no-cosine-decay"], ["--no-cosine-decay", "--warmup", "2"], ["--optimizer", "sgd"]]
-)
-def test_schedules_and_optimizers(base, tmp_path, flags):
+def schedule_run(base, tmp_path, flags):
     data = write_data(tmp_path / "data")
-    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(tmp_path / "a")]
+    out = tmp_path / "a"
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(out)]
     argv += ["--iters", "4", "--num-layers", "1", "--steps-per-report", "1", "--learning-rate", "1e-3", *flags]
     assert lora_main(argv) == 0
-    rates = [m["learning_rate"] for m in metrics(tmp_path / "a") if "learning_rate" in m and "train_loss" in m]
+    return [m["learning_rate"] for m in metrics(out) if "train_loss" in m], out
+
+
+def test_cosine_decay_by_value(base, tmp_path):
+    rates, _ = schedule_run(base, tmp_path, [])
+    # step k of 4 uses the schedule's value at k - 1: from the peak towards 10% of it along half a cosine
+    expected = [1e-4 + 0.5 * (1 + math.cos(math.pi * (k - 1) / 4)) * 9e-4 for k in range(1, 5)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--no-cosine-decay"], ["--no-cosine-decay", "--warmup", "2"]])
+def test_constant_schedules(base, tmp_path, flags):
+    rates, _ = schedule_run(base, tmp_path, flags)
     if "--warmup" in flags:
-        assert rates[0] < rates[-2] == pytest.approx(1e-3) == rates[-1]  # warms up, then stays
-    elif "--no-cosine-decay" in flags:
-        assert rates == pytest.approx([1e-3] * 4)
+        np.testing.assert_allclose(rates, [0, 5e-4, 1e-3, 1e-3], rtol=1e-5)  # warms up linearly, then stays
+    else:
+        np.testing.assert_allclose(rates, [1e-3] * 4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizer_step_by_value(base, name):
+    """One step on one batch: SGD moves each parameter by exactly -lr * gradient; Adam(W) does not."""
+    model, _ = load(base)
+    apply_adapters(model, 1, rank=4)
+    perturb(model, seed=4)
+    tokens, weights = IDS, mx.ones(IDS.shape)
+    before = dict(tree_flatten(model.trainable_parameters()))
+    grads = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, tokens, weights)[1]))
+    optimizer = make_optimizer(TrainConfig(optimizer=name, learning_rate=0.1, cosine_decay=False))
+    make_step(model, optimizer, TrainConfig(grad_accumulation=1))(iter([(tokens, weights)]))
+    after = dict(tree_flatten(model.trainable_parameters()))
+    sgd_like = all(np.allclose(after[k], before[k] - 0.1 * np.array(grads[k]), atol=1e-6) for k in before)
+    assert sgd_like == (name == "sgd")
+    assert isinstance(optimizer, {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[name])
+
+
+def test_sgd_from_the_command_line(base, tmp_path):
+    _, out = schedule_run(base, tmp_path, ["--optimizer", "sgd"])
+    state = mx.load(str(out / "optimizer.safetensors"))
+    assert state and not any(k.endswith(".m") for k in state)  # Adam would keep first moments ("m")
+
+
+def test_alpha_sets_the_scale(base, tmp_path):
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "a"
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(out), "--iters", "1"]
+    assert lora_main([*argv, "--num-layers", "1", "--rank", "4", "--alpha", "16"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["scale"] == 4.0  # alpha / rank
+    model, _ = load(base, adapter_path=out)
+    assert model.layers[-1].self_attn.q_proj.scale == 4.0
+
+
+def test_full_fine_tuning(base, tmp_path):
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "a"
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(out), "--iters", "3"]
+    argv += ["--fine-tune-type", "full", "--num-layers", "1", "--learning-rate", "1e-3", "--batch-size", "2"]
+    assert lora_main(argv) == 0
+    saved = mx.load(str(out / "adapters.safetensors"))
+    original = dict(tree_flatten(load(base)[0].parameters()))
+    # exactly the parameters of the last layer are saved, and each of them changed
+    assert set(saved) == {k for k in original if k.startswith("model.layers.2.")}
+    assert all(not np.array_equal(np.array(saved[k]), np.array(original[k])) for k in saved if "norm" not in k)
+    tuned, _ = load(base, adapter_path=out)  # the saved layer goes back into a fresh model
+    manual, _ = load(base)
+    manual.load_weights(list(saved.items()), strict=False)
+    np.testing.assert_allclose(np.array(tuned(IDS)), np.array(manual(IDS)), atol=1e-6)
+    assert np.abs(np.array(tuned(IDS)) - np.array(load(base)[0](IDS))).max() > 1e-4
+
+
+def test_pack_concatenates_and_cuts():
+    examples = [Example([1, 2, 3], [0, 1, 1]), Example([4, 5], [1, 0]), Example([6, 7, 8, 9, 10], [1, 1, 1, 1, 0])]
+    packed = pack(examples, 4)
+    assert [e.tokens for e in packed] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert [e.weights for e in packed] == [[0, 1, 1, 1], [0, 1, 1, 1], [1, 0]]  # each weight stays with its token
+    one_left = pack([*examples[:2], Example([6, 7, 8, 9], [1] * 4)], 4)
+    assert [e.tokens for e in one_left] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # a last row of one token: no target, dropped
+
+
+def test_pack_sequences_from_the_command_line(base, tmp_path):
+    data = write_data(tmp_path / "data", n_train=6)
+    out = tmp_path / "a"
+    argv = ["--model", str(base), "--train", "--data", str(data), "--adapter-path", str(out), "--iters", "2"]
+    argv += ["--pack-sequences", "--max-seq-length", "16", "--num-layers", "1", "--batch-size", "1"]
+    argv += ["--steps-per-report", "1"]
+    assert lora_main(argv) == 0
+    trained = [m["trained_tokens"] for m in metrics(out) if "train_loss" in m]
+    assert trained[0] == 15  # a full packed row of 16 tokens: 15 next-token targets

@@ -8,10 +8,13 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from mlx_lm.convert import mixed_quant_predicate_builder
 
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
-from mlx_qwen2.quant.recipes import RECIPES, is_sensitive_layer
+from mlx_qwen2.model import Model, ModelArgs
+from mlx_qwen2.quant.affine import quantizable
+from mlx_qwen2.quant.recipes import RECIPES, is_sensitive_layer, mlx_lm_recipe
 from tests.tiny import make_checkpoint
 
 IDS = [[3, 99, 250, 17, 400, 8, 61, 5]]
@@ -24,8 +27,14 @@ def src(request, tmp_path_factory):
     )
 
 
-def test_sensitive_layers():
-    assert [i for i in range(16) if is_sensitive_layer(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+@pytest.mark.parametrize("layers", [16, 24, 28, 36, 40, 48, 64, 80])
+def test_our_reading_of_mlx_lms_recipe_is_mlx_lms(layers):
+    """The size budget is mlx-lm's recipe: its own predicate decides, on every matrix of a model this deep."""
+    model = Model(ModelArgs(64, layers, 64, 2, 32, num_key_value_heads=1))
+    theirs = mixed_quant_predicate_builder("mixed_3_6", model)
+    paths = [p for p, m in model.named_modules() if quantizable(m)] + ["lm_head"]
+    for path in paths:
+        assert mlx_lm_recipe(path, layers) == (theirs(path, None)["bits"] == 6), path
 
 
 def _stored_bytes(folder) -> int:

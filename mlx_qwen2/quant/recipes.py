@@ -15,9 +15,11 @@ RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed
 
 
 def is_sensitive_layer(index: int, num_layers: int) -> bool:
-    """The first and last eighth of the layers, and every third layer between them."""
-    eighth = num_layers // 8
-    return index < eighth or index >= num_layers - eighth or (index - eighth) % 3 == 2
+    """The first eighth and the last of the layers, and every third layer between them, as mlx-lm counts them.
+
+    The last part starts at 7 * num_layers // 8 (for 28 layers: 24, not 28 - 28 // 8 = 25).
+    """
+    return index < num_layers // 8 or index >= 7 * num_layers // 8 or (index - num_layers // 8) % 3 == 2
 
 
 def _layer_matrix(path: str) -> tuple[int, str] | None:
