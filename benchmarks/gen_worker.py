@@ -1,23 +1,36 @@
 """One generation measurement in a fresh process (so memory counters and BLAS choice are clean).
 
-    python -m benchmarks.gen_worker --tool mlx_qwen2|mlx-lm --model DIR --ids FILE --gen-tokens N [--dtype D]
+    python -m benchmarks.gen_worker --tool mlx_qwen2|mlx-lm|llama.cpp --model DIR_OR_GGUF --ids FILE --gen-tokens N
 
-Prints one JSON line: load_s, ttft_s, prefill_tps, decode_tps, decode_tokens, peak_gb (MLX), rss_gb.
-Both tools are driven the same way: their own `load` and their own `generate_step`, greedy.
+Prints one JSON line: load_s, ttft_s, prefill_tps, decode_tps, decode_tokens, peak_gb (MLX; RSS for
+llama.cpp), rss_gb, blas (the BLAS library mapped into the process). Every tool is driven the same way:
+its own loader and its own token loop, greedy, over the same prompt token ids. Which BLAS mlx-lm gets is
+the caller's choice (LD_PRELOAD); this worker imports nothing of mlx_qwen2 for mlx-lm or llama.cpp.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
+from pathlib import Path
+
+
+def blas_mapped() -> str:
+    """The BLAS libraries the process has mapped, but numpy's private copy (its symbols are renamed: MLX
+    cannot call it)."""
+    with open("/proc/self/maps") if os.path.exists("/proc/self/maps") else open(os.devnull) as f:
+        names = {Path(line.split()[-1]).name for line in f if "blas" in line.lower() and "/" in line}
+    names = {n for n in names if not n.startswith("libscipy_openblas")}
+    return ", ".join(sorted(names)) or "none found in /proc/self/maps"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tool", choices=["mlx_qwen2", "mlx-lm"], required=True)
+    p.add_argument("--tool", choices=["mlx_qwen2", "mlx-lm", "llama.cpp"], required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--ids", required=True, help="JSON file with the prompt token ids")
     p.add_argument("--gen-tokens", type=int, default=256)
@@ -37,16 +50,24 @@ def main() -> None:
 
         model, _ = mlx_qwen2.load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
         steps = generate_step(mx.array(ids), model, make_cache(len(model.layers)), greedy)
-    else:
+    elif args.tool == "mlx-lm":
         import mlx.core as mx
         import mlx_lm
         from mlx_lm.generate import generate_step
 
         model, _ = mlx_lm.load(args.model)
         steps = (t for t, _ in generate_step(mx.array(ids), model, max_tokens=args.gen_tokens))
-    mx.eval(model.parameters())
+    else:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=args.model, n_threads=len(os.sched_getaffinity(0)), n_ctx=len(ids) + args.gen_tokens + 8,
+                    n_batch=512, verbose=False)  # fmt: skip
+        steps = llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)  # greedy
+        mx = None
+    if mx is not None:
+        mx.eval(model.parameters())
+        mx.reset_peak_memory()
     load_s = time.perf_counter() - tic
-    mx.reset_peak_memory()
     tic = time.perf_counter()
     first = last = None
     n = 0
@@ -59,14 +80,16 @@ def main() -> None:
         if n >= args.gen_tokens or now - first > args.decode_seconds:
             break
     ttft = first - tic
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     result = {
         "load_s": load_s,
         "ttft_s": ttft,
         "prefill_tps": len(ids) / ttft,
         "decode_tps": (n - 1) / (last - first) if n > 1 else 0.0,
         "decode_tokens": n,
-        "peak_gb": mx.get_peak_memory() / 1e9,
-        "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_gb": mx.get_peak_memory() / 1e9 if mx is not None else rss_gb,
+        "rss_gb": rss_gb,
+        "blas": blas_mapped(),
     }
     print(json.dumps(result))
     sys.stdout.flush()

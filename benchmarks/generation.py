@@ -1,6 +1,14 @@
-"""Generation speed and memory, mlx_qwen2 beside mlx-lm, same folder, same prompt, interleaved rounds.
+"""Generation speed and memory: mlx_qwen2 beside mlx-lm (two ways) and llama.cpp, same prompt, interleaved rounds.
 
-    python -m benchmarks.generation [--prompts 128 1024] [--gen-tokens 256] [--rounds 3] [--models float32 bfloat16 bfloat16-f32 8bit 4bit]
+    python -m benchmarks.generation [--prompts 128 1024] [--gen-tokens 256] [--rounds 3] [--models float32 bfloat16 bfloat16-f32 8bit 4bit] [--tools ...]
+
+Tools (columns):
+- mlx_qwen2;
+- mlx-lm as its users run it: MLX's Linux wheels call the reference BLAS;
+- mlx-lm with the same OpenBLAS we load (LD_PRELOAD), so the ratio against it is what our own code
+  does, apart from what OpenBLAS does;
+- llama.cpp (llama-cpp-python, `pip install 'mlx_qwen2[bench]'`) on the fixture's GGUF as it ships
+  (Q5_0/Q8_0/Q6_K/Q4_K tensors), whichever MLX model the row is about.
 
 Models come from the real fixture (Qwen2.5-Coder-0.5B-Instruct): float32 (imported from its GGUF),
 bfloat16 (cast, as hub checkpoints ship), and 8-bit / 4-bit made by mlx-lm's own converter from the
@@ -26,12 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, cache_dir, eval_text, real_model_folder
+from benchmarks.common import ROOT, cache_dir, eval_text, gguf_path, real_model_folder
+from mlx_qwen2.backends.cpu import blas
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load_weights
 from mlx_qwen2.tokenizer import Tokenizer
 
-TOOLS = ("mlx_qwen2", "mlx-lm")
+TOOLS = ("mlx_qwen2", "mlx-lm", "mlx-lm + OpenBLAS", "llama.cpp")
 METRICS = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "peak_gb", "rss_gb")
 
 
@@ -52,20 +61,37 @@ def model_folders(names: list[str]) -> dict[str, Path]:
     return {k: v for k, v in folders.items() if k in names}
 
 
+def openblas() -> str:
+    """The OpenBLAS library mlx_qwen2 loaded in this process (for LD_PRELOAD into mlx-lm's)."""
+    if not blas.in_use.startswith("OpenBLAS ("):
+        raise SystemExit(f"no OpenBLAS in use ({blas.in_use}); install libopenblas0-pthread to compare like for like.")
+    return blas.in_use.removeprefix("OpenBLAS (").removesuffix(")")
+
+
 def run_worker(tool: str, folder: Path, ids_file: Path, gen_tokens: int, timeout: float, f32: bool) -> dict | None:
-    cmd = [sys.executable, "-m", "benchmarks.gen_worker", "--tool", tool, "--model", str(folder)]
+    worker_tool = "mlx-lm" if tool.startswith("mlx-lm") else tool
+    model = gguf_path() if tool == "llama.cpp" else folder
+    cmd = [sys.executable, "-m", "benchmarks.gen_worker", "--tool", worker_tool, "--model", str(model)]
     if f32 and tool == "mlx_qwen2":
         cmd += ["--dtype", "float32"]
     cmd += ["--ids", str(ids_file), "--gen-tokens", str(gen_tokens), "--decode-seconds", str(timeout / 3)]
-    # mlx-lm runs as its users run it: on the BLAS MLX ships with (benchmarks/__init__ would preload OpenBLAS).
-    env = {**os.environ, "MLX_QWEN2_BLAS": "off"} if tool == "mlx-lm" else None
+    # The worker's package (benchmarks/__init__) imports mlx_qwen2, which would load OpenBLAS: for mlx-lm that
+    # is switched off, so it runs on MLX's own BLAS, or on OpenBLAS through LD_PRELOAD alone.
+    env = None
+    if tool.startswith("mlx-lm"):
+        env = {**os.environ, "MLX_QWEN2_BLAS": "off"}
+    if tool == "mlx-lm + OpenBLAS":
+        env["LD_PRELOAD"] = openblas()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True, env=env)
     except subprocess.TimeoutExpired:
         return None
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{tool} failed on {folder}:\n{e.stderr[-2000:]}") from e
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if tool.startswith("mlx") and ("openblas" in result["blas"]) != (tool != "mlx-lm"):
+        raise RuntimeError(f"{tool} ran with the wrong BLAS: {result['blas']}")
+    return result
 
 
 def main() -> None:
@@ -74,6 +100,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--models", nargs="+", default=["float32", "bfloat16", "bfloat16-f32", "8bit", "4bit"])
+    p.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS, help="which tools to run")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
     p.add_argument("--out", default=str(ROOT / "bench-out" / "generation.json"))
     args = p.parse_args()
@@ -87,9 +114,9 @@ def main() -> None:
                 ids_file = Path(tmp) / f"ids-{n}.json"
                 ids_file.write_text(json.dumps(all_ids[:n]))
                 key = f"{name} / {n}-token prompt"
-                runs: dict[str, list] = {t: [] for t in TOOLS}
+                runs: dict[str, list] = {t: [] for t in args.tools}
                 for r in range(args.rounds):
-                    for tool in TOOLS:
+                    for tool in args.tools:
                         if runs[tool] and runs[tool][-1] is None:
                             continue  # timed out once: do not spend the time again
                         f32 = name.endswith("-f32")
@@ -109,7 +136,7 @@ def main() -> None:
         for name, folder in folders.items()
     }
     print(f"Read bandwidth (numpy): {bw:.1f} GB/s\n")
-    print(table(results, args.timeout, bounds))
+    print(table(results, args.timeout, bounds, args.tools))
 
 
 def median(runs: list, metric: str) -> float | None:
@@ -135,25 +162,32 @@ def bytes_per_token(folder: Path) -> int:
     return sum(w.nbytes for k, w in weights.items() if not k.startswith(skip))
 
 
-def table(results: dict, timeout: float, bounds: dict[str, float]) -> str:
-    lines = [
-        "| model / prompt | metric | mlx_qwen2 | mlx-lm | ratio (mlx_qwen2 / mlx-lm) |",
-        "|---|---|---|---|---|",
-    ]
+def table(results: dict, timeout: float, bounds: dict[str, float], tools: list[str]) -> str:
+    """Medians of every tool, and mlx_qwen2's figure over each other tool's (llama.cpp runs its own GGUF)."""
+    others = [t for t in tools if t != "mlx_qwen2"]
+    head = " | ".join(tools) + " | " + " | ".join(f"mlx_qwen2 / {t}" for t in others)
+    lines = [f"| model / prompt | metric | {head} |", "|---" * (2 + len(tools) + len(others)) + "|"]
+    fmt = lambda v: "timeout" if v is None else f"{v:.3g}"
     for key, runs in results.items():
         bound = bounds[key.split(" / ")[0]]
-        ours, theirs = median(runs["mlx_qwen2"], "decode_tps"), median(runs["mlx-lm"], "decode_tps")
-        frac = ["n/a" if v is None else f"{100 * v / bound:.0f}%" for v in (ours, theirs)]
-        lines.append(f"| {key} | decode / bandwidth bound ({bound:.1f} tok/s) | {frac[0]} | {frac[1]} | |")
+        decode = {t: median(runs[t], "decode_tps") for t in tools}
+        fractions = ["n/a" if v is None or t == "llama.cpp" else f"{100 * v / bound:.0f}%" for t, v in decode.items()]
+        lines.append(
+            f"| {key} | decode / bound ({bound:.1f} tok/s) | " + " | ".join(fractions) + " |" * (len(others) + 1)
+        )
         for metric in METRICS:
-            ours, theirs = median(runs["mlx_qwen2"], metric), median(runs["mlx-lm"], metric)
-            fmt = lambda v: "timeout" if v is None else f"{v:.3g}"
-            if theirs is None or ours is None:
-                ratio = f"{'mlx-lm' if theirs is None else 'mlx_qwen2'} did not finish in {timeout:.0f} s"
-            else:
-                ratio = f"{ours / theirs:.2f}"
-            lines.append(f"| {key} | {metric} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+            values = {t: median(runs[t], metric) for t in tools}
+            ours = values.get("mlx_qwen2")
+            ratios = [ratio(ours, values[t], f"{t} did not finish in {timeout:.0f} s") for t in others]
+            cells = [fmt(values[t]) for t in tools] + ratios
+            lines.append(f"| {key} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ratio(ours: float | None, theirs: float | None, timed_out: str) -> str:
+    if theirs is None:
+        return timed_out
+    return "n/a" if ours is None else f"{ours / theirs:.2f}"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import io
 import mlx.core as mx
 import pytest
 
-from mlx_qwen2 import generate, load
+from mlx_qwen2 import cli, generate, load
+from mlx_qwen2.backends.cpu import blas
 from mlx_qwen2.chat import main as chat_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.generate import main as generate_main
@@ -75,3 +76,23 @@ def test_lora_help_shows_percent_signs(capsys):
     with pytest.raises(SystemExit):
         importlib.import_module("mlx_qwen2.lora").main(["--help"])
     assert "10% of the peak" in capsys.readouterr().out
+
+
+def test_openblas_hint_once_on_the_reference_blas(tiny_untied, capsys, monkeypatch):
+    monkeypatch.setattr(blas, "in_use", blas.REFERENCE)
+    monkeypatch.setattr(cli, "_hinted", False)
+    monkeypatch.delenv("MLX_QWEN2_BLAS", raising=False)
+    argv = ["--model", str(tiny_untied), "--max-tokens", "1", "--no-verbose"]
+    assert generate_main(argv) == 0 and generate_main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("hint: ") == 1 and "apt install libopenblas0-pthread" in err
+    monkeypatch.setattr(cli, "_hinted", False)
+    monkeypatch.setenv("MLX_QWEN2_BLAS", "off")  # asked for: no hint
+    assert generate_main(argv) == 0 and "hint" not in capsys.readouterr().err
+
+
+def test_no_openblas_hint_with_openblas(tiny_untied, capsys, monkeypatch):
+    monkeypatch.setattr(blas, "in_use", "OpenBLAS (libopenblas.so.0)")
+    monkeypatch.setattr(cli, "_hinted", False)
+    assert generate_main(["--model", str(tiny_untied), "--max-tokens", "1", "--no-verbose"]) == 0
+    assert "hint" not in capsys.readouterr().err

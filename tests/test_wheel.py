@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,8 +31,12 @@ def console_scripts() -> list[str]:
 def fresh_venv(tmp_path_factory) -> Path:
     """A new venv with the wheel installed (dependencies are shared from this environment, not downloaded)."""
     work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"  # a copy: a build leaves build/ behind, and an old build/ could fill the wheel
+    shutil.copytree(ROOT / "mlx_qwen2", source / "mlx_qwen2", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work), str(ROOT)], check=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work), str(source)], check=True)
     (wheel,) = work.glob("mlx_qwen2-*.whl")
     env_dir = work / "venv"
     venv.create(env_dir, with_pip=False)
