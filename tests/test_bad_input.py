@@ -440,16 +440,9 @@ def test_lora_bad_data(train, match, tiny_untied, tmp_path, capsys):
 )
 def test_lora_bad_config_file(config, match, tiny_untied, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(config)
-    argv = [
-        "--model",
-        str(tiny_untied),
-        "--train",
-        "--data",
-        str(data_folder(tmp_path)),
-        "-c",
-        str(tmp_path / "c.yaml"),
-    ]
-    check(lora_main, [*argv, "--adapter-path", str(tmp_path / "out")], capsys, match)
+    argv = ["--model", str(tiny_untied), "--train", "--data", str(data_folder(tmp_path))]
+    argv += ["-c", str(tmp_path / "c.yaml"), "--adapter-path", str(tmp_path / "out")]
+    check(lora_main, argv, capsys, match)
     assert not (tmp_path / "out").exists()
 
 

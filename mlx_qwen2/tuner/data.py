@@ -88,7 +88,7 @@ def load_jsonl(path: Path, tok: Tokenizer, mask_prompt: bool) -> list[Example]:
                     examples.append(encode_line(tok, json.loads(line), mask_prompt))
             except UnicodeDecodeError as e:
                 raise UserError(
-                    f"{path}, line {n}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8."
+                    f"{path}, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); save it as UTF-8."
                 ) from e
             except (json.JSONDecodeError, ValueError) as e:
                 raise UserError(f"{path}, line {n}: {e}") from e
