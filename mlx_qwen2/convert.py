@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(embed_tokens when tied), every k_proj and v_proj, and down_proj of the first and last layers, "
         "within the size of mlx-lm's recipe of that name; L elsewhere; implies -q",
     )
-    p.add_argument("--calibrate", action="store_true", help="GPTQ: error-compensating quantization (implies -q)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="GPTQ: error-compensating quantization (implies -q); at a uniform width, with a recipe it measured worse",
+    )
     p.add_argument("--calibration-data", default=None, help="a .txt or .jsonl file (default: a sample shipped with us)")
     p.add_argument(
         "--calibration-tokens", type=int, default=DEFAULT_TOKENS, help=f"calibration tokens (default: {DEFAULT_TOKENS})"

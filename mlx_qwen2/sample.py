@@ -19,7 +19,7 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history ids, logi
 def validate_sampling(
     temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0
 ) -> None:
-    """Raise ValueError naming the first sampling setting out of range."""
+    """Raise UserError naming the first sampling setting out of range."""
     if temp < 0:
         raise UserError(f"temperature must be >= 0 (0 means greedy), got {temp}")
     if not 0 < top_p <= 1:

@@ -40,7 +40,7 @@ def _spans_of_messages(tok: Tokenizer, messages: list[dict[str, Any]]) -> Exampl
 
 
 def encode_line(tok: Tokenizer, record: Any, mask_prompt: bool) -> Example:
-    """One jsonl record -> tokens and loss weights; raises ValueError describing a malformed record."""
+    """One jsonl record -> tokens and loss weights; raises UserError describing a malformed record."""
     if not isinstance(record, dict):
         raise UserError("expected a JSON object")
     if "messages" in record:
