@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that over from the parent
+    across fork and exec, so a worker started by a large benchmark process would report the parent's."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb * 1024 / 1e9
 
 
 def blas_mapped() -> str:
@@ -80,7 +87,7 @@ def main() -> None:
         if n >= args.gen_tokens or now - first > args.decode_seconds:
             break
     ttft = first - tic
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    rss_gb = peak_rss_gb()
     result = {
         "load_s": load_s,
         "ttft_s": ttft,

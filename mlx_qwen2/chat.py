@@ -6,59 +6,81 @@ python -m mlx_qwen2.chat --model Qwen/Qwen2-0.5B-Instruct
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from .cache import KVCache, make_cache
+from .cache.config import CacheConfig
+from .cache.files import load_prompt_cache, model_fingerprint, tokenizer_fingerprint
+from .cache.prefix import PrefixCache, common_prefix
 from .cli import add_dataclass_args, blas_hint, from_args, report_errors
 from .errors import UserError
 from .generation import GenerationConfig, GenerationResponse, stream_generate
-from .loader import DTYPES, load
+from .loader import DTYPES, load, resolve_path
 from .model import Model
 from .tokenizer import Tokenizer
 
 
 class ChatSession:
-    """A conversation whose cache holds every token seen so far, so a turn costs only its new tokens."""
+    """A conversation whose cache holds every token seen so far, so a turn costs only its new tokens.
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, system: str | None = None):
+    Finished turns also go to a prefix cache (LRU, in memory): a conversation started again with
+    the same beginning (after `reset()`, or one loaded from a prompt-cache file) prefills only
+    what is new.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        system: str | None = None,
+        prefix_cache: PrefixCache | None = None,
+        cache_config: CacheConfig | None = None,
+    ):
         if not tokenizer.chat_template:
             raise UserError("this model has no chat template; use `python -m mlx_qwen2.generate` instead.")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
+        self.cache_config = cache_config or CacheConfig()
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.reset()
 
     def reset(self) -> None:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache: list[KVCache] = make_cache(len(self.model.layers))
+        self.cache: list[Any] = self.cache_config.make(len(self.model.layers))
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache
+
+    def _reuse(self, ids: list[int]) -> int:
+        """Point the cache at the longest known prefix of `ids` (own cache or prefix cache); returns its length."""
+        own = min(common_prefix(self.cached, ids), len(ids) - 1)  # at least one token must go through the model
+        stored, caches = self.prefix_cache.fetch(ids)
+        if stored > own:
+            self.cache, self.cached = caches, ids[:stored]
+            return stored
+        for c in self.cache:
+            c.trim(c.offset - own)
+        return own
 
     def send(self, text: str, config: GenerationConfig | None = None) -> Iterator[GenerationResponse]:
         """Add a user turn and stream the assistant's reply."""
         self.messages.append({"role": "user", "content": text})
         ids = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        reuse = _common_prefix(self.cached, ids)
-        reuse = min(reuse, len(ids) - 1)  # at least one token must go through the model
-        for c in self.cache:
-            c.trim(c.offset - reuse)
+        reuse = self._reuse(ids)
         reply, generated = "", []
-        for r in stream_generate(self.model, self.tokenizer, ids[reuse:], cache=self.cache, config=config):
+        stream = stream_generate(
+            self.model, self.tokenizer, ids[reuse:], cache=self.cache, config=config, cache_config=self.cache_config
+        )
+        for r in stream:
             reply += r.text
             generated.append(r.token)
-            yield r
+            yield dataclasses.replace(r, cached_tokens=reuse)
         # The cache holds a prefix of prompt + reply: the decode loop may already
         # have fed the last token, or not, depending on why it stopped.
         self.cached = (ids + generated)[: self.cache[0].offset]
+        self.prefix_cache.store(self.cached, self.cache)
         self.messages.append({"role": "assistant", "content": reply})
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,17 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype")
+    p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapters to apply")
+    p.add_argument("--prompt-cache-file", default=None, help="a cache from `mlx_qwen2.cache_prompt --system ...`")
     add_dataclass_args(p, GenerationConfig, skip=("stop",))
+    add_dataclass_args(p, CacheConfig)
     return p
 
 
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = from_args(GenerationConfig, args)
+    config, cache_config = from_args(GenerationConfig, args), from_args(CacheConfig, args)
     blas_hint()
-    model, tokenizer = load(args.model, dtype=args.dtype)
-    session = ChatSession(model, tokenizer, args.system)
+    folder = resolve_path(args.model)
+    model, tokenizer = load(folder, dtype=args.dtype, adapter_path=args.adapter_path)
+    prefix = PrefixCache()
+    if args.prompt_cache_file:  # its tokens start the conversation: the session finds them as a prefix
+        fingerprints = model_fingerprint(folder, args.adapter_path, args.dtype), tokenizer_fingerprint(folder)
+        cache, tokens = load_prompt_cache(Path(args.prompt_cache_file), *fingerprints)
+        prefix.store(tokens, cache)
+    session = ChatSession(model, tokenizer, args.system, prefix, cache_config)
     if sys.stdin.isatty():
         print("Type a message; '/reset' starts over, '/quit' or Ctrl-D ends.", file=sys.stderr)
     while True:

@@ -1,4 +1,5 @@
-"""Reading a model folder's files (JSON, safetensors), checked, so that a bad file is a clear error, not a crash.
+"""Files, one at a time: reading JSON and safetensors checked (a bad file is a clear error, not a crash),
+and replacing a file atomically.
 
 Knows nothing of models; tensors are returned lazily (nothing is read until evaluated).
 """
@@ -6,7 +7,10 @@ Knows nothing of models; tensors are returned lazily (nothing is read until eval
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +58,15 @@ def load_safetensors(path: Path) -> dict[str, mx.array]:
     """The tensors of one checked file, lazily."""
     check_safetensors(path)
     return mx.load(str(path))
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """`write(temporary path)`, then the file replaces `path`: a failure (a full disk) leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

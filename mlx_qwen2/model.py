@@ -19,9 +19,36 @@ from .errors import UserError, check_types
 
 
 class Cache(Protocol):
-    offset: int
+    """What the model needs of a cache (mlx_qwen2.cache has the kinds)."""
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+    offset: int | mx.array  # positions seen; per row, (B,), for a batch of rows that began apart
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]: ...
+
+    def make_mask(self, length: int) -> mx.array | str | None: ...
+
+
+def attention(q: mx.array, keys: Any, values: Any, scale: float, mask: mx.array | str | None, cache: Any) -> mx.array:
+    """Scaled dot-product attention, (B, H, L, D); over quantized keys/values when the cache holds them so."""
+    bits = getattr(cache, "bits", None)
+    if bits is None:
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    n_kv = keys[0].shape[1]
+    q = (q * scale).reshape(B, n_kv, H // n_kv, L, D)  # query heads grouped by the KV head they share
+    group = cache.group_size
+    k = [a[:, :, None] for a in keys]  # (B, Hkv, 1, T, ...): broadcast over the group
+    v = [a[:, :, None] for a in values]
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)  # (B, Hkv, G, L, T)
+    if isinstance(mask, str):
+        T = scores.shape[-1]
+        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]  # causal, the last query on the last key
+    if mask is not None:
+        mask = mask if mask.ndim < 4 else mask[:, :, None]  # (B, 1, L, T) -> (B, 1, 1, L, T)
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
+    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group, bits=bits)  # (B, Hkv, G, L, D)
+    return out.reshape(B, H, L, D)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
@@ -207,8 +234,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # (B, Hkv, offset + L, D)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            k, v = cache.update_and_fetch(k, v)  # (B, Hkv, cached + L, D)
+        out = attention(q, k, v, self.scale, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -245,9 +272,10 @@ class Qwen2Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list[Cache] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
-        # One new token attends to everything cached: no mask needed.  For
-        # longer inputs, "causal" aligns the last query with the last key.
-        mask = "causal" if h.shape[1] > 1 else None
+        # Without a cache: "causal" for more than one token. With one, the cache knows (a batch with rows
+        # of different lengths, or a rotating window, needs more than "causal").
+        L = h.shape[1]
+        mask = cache[0].make_mask(L) if cache is not None else "causal" if L > 1 else None
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cache[i] if cache is not None else None)
         return self.norm(h)

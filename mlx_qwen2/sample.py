@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .errors import UserError
 
-Sampler = Callable[[mx.array], mx.array]
+Sampler = Callable[..., mx.array]  # (logits (B, vocab), key=None) -> token ids (B,)
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (history ids, logits) -> logits
 
 
@@ -32,7 +32,7 @@ def validate_sampling(
         raise UserError(f"repetition penalty must be > 0 (1 disables it), got {repetition_penalty}")
 
 
-def greedy(logits: mx.array) -> mx.array:
+def greedy(logits: mx.array, key: mx.array | None = None) -> mx.array:
     return mx.argmax(logits, axis=-1)
 
 
@@ -67,15 +67,18 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
 
 
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
-    """A function logits (B, vocab) -> token ids (B,); temp 0 is greedy."""
+    """A function (logits (B, vocab), key=None) -> token ids (B,); temp 0 is greedy.
+
+    With a `key` (mx.random.key), the draw depends on it alone, so each sequence of a batch can
+    have its own seed; without, MLX's global generator is used."""
     validate_sampling(temp, top_p, top_k, min_p)
     if temp == 0:
         return greedy
 
-    def sample(logits: mx.array) -> mx.array:
+    def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
         logits = logits.astype(mx.float32) / temp
         logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
-        return mx.random.categorical(logits, axis=-1)
+        return mx.random.categorical(logits, axis=-1, key=key)
 
     return sample
 

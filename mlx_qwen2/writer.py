@@ -107,18 +107,6 @@ def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
         raise
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """`write(temporary path)`, then the file replaces `path`: a failure (a full disk) leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)

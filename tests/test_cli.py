@@ -14,7 +14,7 @@ from mlx_qwen2.chat import main as chat_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.generate import main as generate_main
 
-CLI_MODULES = ["generate", "chat", "convert", "lora", "fuse"]
+CLI_MODULES = ["generate", "chat", "convert", "lora", "fuse", "cache_prompt"]
 
 
 def test_generate_streams_and_reports(tiny_untied, capsys):

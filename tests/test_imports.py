@@ -13,6 +13,13 @@ LAYERS = {
     "core": {
         "model",
         "cache",
+        "cache.kv",
+        "cache.rotating",
+        "cache.quantized",
+        "cache.batch",
+        "cache.prefix",
+        "cache.config",
+        "cache.files",
         "sample",
         "tokenizer",
         "errors",
@@ -37,12 +44,18 @@ LAYERS = {
         "gguf_import",
         "loader",
         "generation",
+        "generation.settings",
+        "generation.text",
+        "generation.step",
+        "generation.stream",
+        "generation.batch",
+        "prompts_file",
         "conversion",
         "tuner.trainer",
         "tuner.checkpoint",
         "cli",
     },
-    "app": {"generate", "convert", "chat", "lora", "fuse"},
+    "app": {"generate", "convert", "chat", "lora", "fuse", "cache_prompt"},
 }
 RANK = {m: i for i, layer in enumerate(LAYERS.values()) for m in layer}
 CORE_THIRD_PARTY = {"mlx", "numpy", "tokenizers", "jinja2"}

@@ -84,5 +84,5 @@ def test_console_script_help(fresh_venv, script):
 
 
 def test_every_entry_point_is_tested():
-    assert modules() == ["chat", "convert", "fuse", "generate", "lora"]
+    assert modules() == ["cache_prompt", "chat", "convert", "fuse", "generate", "lora"]
     assert console_scripts() == [f"mlx_qwen2-{m}" for m in modules()]

@@ -10,7 +10,8 @@ import pytest
 
 from mlx_qwen2 import writer
 from mlx_qwen2.errors import UserError
-from mlx_qwen2.writer import atomic_dir, atomic_write
+from mlx_qwen2.files import atomic_write
+from mlx_qwen2.writer import atomic_dir
 
 # The swap's steps, in order: each call of os.rename, then the removal of the old folder.
 STEPS = [

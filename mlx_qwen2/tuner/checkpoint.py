@@ -16,8 +16,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
-from ..files import load_safetensors, read_json
-from ..writer import atomic_write
+from ..files import atomic_write, load_safetensors, read_json
 from .adapters import adapter_weights
 
 

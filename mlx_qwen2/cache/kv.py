@@ -1,14 +1,14 @@
-"""KV caches the caller owns and passes to the model, one per layer.
+"""The plain KV cache: keys and values of one attention layer in buffers grown in steps.
 
-Buffers are preallocated and grown in steps, so decoding does not copy the
-whole history at every token. This module knows nothing of the model.
+Buffers are preallocated and grown a step at a time, so decoding does not copy the whole
+history at every token. Knows nothing of the model.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class KVCache:
@@ -42,6 +42,10 @@ class KVCache:
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
         self.keys, self.values = new_k, new_v
 
+    def make_mask(self, length: int) -> str | None:
+        """One new token attends to everything cached: no mask. More: "causal" (the last query sees the last key)."""
+        return "causal" if length > 1 else None
+
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (for re-using a cache); returns how many were dropped."""
         n = min(self.offset, n)
@@ -49,13 +53,24 @@ class KVCache:
         return n
 
     @property
-    def state(self) -> tuple[mx.array, mx.array] | None:
+    def size(self) -> int:
+        """Positions held (for this kind, all positions seen)."""
+        return self.offset
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The cached keys and values, (B, Hkv, offset, D) each; empty before the first update."""
         if self.keys is None:
-            return None
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+            return []
+        return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
+
+    def restore(self, keys: mx.array, values: mx.array) -> None:
+        """Set the cache to hold these keys and values (what `state` returned, or a copy of it)."""
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the buffers (allocated, not only used)."""
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 

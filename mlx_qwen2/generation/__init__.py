@@ -1,0 +1,23 @@
+"""Generation: settings, the model's prefill and decode steps, single-stream generation, and the batching engine."""
+
+from .batch import BatchResult, Engine, Request, batch_generate
+from .settings import GenerationConfig
+from .step import generate_step, prefill
+from .stream import GenerationResponse, generate, stream_generate
+from .text import StopMatcher, TextStream, held_back
+
+__all__ = [
+    "BatchResult",
+    "Engine",
+    "GenerationConfig",
+    "GenerationResponse",
+    "Request",
+    "StopMatcher",
+    "TextStream",
+    "batch_generate",
+    "generate",
+    "generate_step",
+    "held_back",
+    "prefill",
+    "stream_generate",
+]

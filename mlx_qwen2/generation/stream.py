@@ -1,0 +1,111 @@
+"""Single-stream generation: `stream_generate` (text pieces with statistics) and `generate` (the whole text).
+
+The command line is `python -m mlx_qwen2.generate`; this module never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from ..cache.config import CacheConfig
+from ..model import Model
+from ..sample import Sampler, make_logits_processors, make_sampler
+from ..tokenizer import Tokenizer
+from .settings import GenerationConfig
+from .step import check_room, generate_step, sampling_key
+from .text import TextStream
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of output with running statistics."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB, MLX's own counter
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
+    cached_tokens: int = 0  # prompt tokens that were already in the cache
+    cache_bytes: int = 0  # memory of the KV cache
+    batch_size: int = 1  # sequences decoded together at this step
+
+
+class _Clock:
+    """Prompt and generation speeds of one stream."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens, self.tic = prompt_tokens, time.perf_counter()
+        self.prompt_tps = self.gen_tic = 0.0
+
+    def first_token(self) -> None:
+        self.gen_tic = time.perf_counter()
+        self.prompt_tps = self.prompt_tokens / (self.gen_tic - self.tic)
+
+    def generation_tps(self, n: int) -> float:
+        elapsed = time.perf_counter() - self.gen_tic
+        return (n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    cache: list[Any] | None = None,
+    config: GenerationConfig | None = None,
+    sampler: Sampler | None = None,
+    cache_config: CacheConfig | None = None,
+    **settings: object,
+) -> Iterator[GenerationResponse]:
+    """Generate from a prompt (text or token ids), yielding text pieces with statistics.
+
+    `settings` override fields of `config` (max_tokens=..., temp=..., stop=[...]).
+    Pass a `cache` (from `mlx_qwen2.cache`) to keep the conversation between calls;
+    the prompt is then only the new tokens. `cache_config` picks the kind of a new cache
+    (rotating, quantized) and quantizes a float one part-way when it says so.
+    """
+    config = dataclasses.replace(config or GenerationConfig(), **settings)
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    cache_config = cache_config or CacheConfig()
+    cache = cache if cache is not None else cache_config.make(len(model.layers))
+    context, cached = model.args.context_length, cache[0].offset
+    check_room(ids, cached, context)
+    max_tokens = min(config.max_tokens, context - cached - len(ids))
+    sampler = sampler or make_sampler(config.temp, config.top_p, config.top_k, config.min_p)
+    processors = make_logits_processors(config.repetition_penalty, config.repetition_context_size)
+    text, clock = TextStream(tokenizer, config.stop, max_tokens), _Clock(len(ids))
+    key = sampling_key(config.seed)
+    after = cache_config.maybe_quantize if cache_config.kv_bits is not None else None
+    tokens = generate_step(mx.array(ids), model, cache, sampler, processors, config.prefill_step_size, key, after)
+    for n, token in enumerate(tokens if max_tokens > 0 else (), start=1):
+        if n == 1:
+            clock.first_token()
+        piece, finish = text.add(token)
+        yield GenerationResponse(
+            text=piece,
+            token=token,
+            prompt_tokens=len(ids),
+            prompt_tps=clock.prompt_tps,
+            generation_tokens=n,
+            generation_tps=clock.generation_tps(n),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            cached_tokens=cached,
+            cache_bytes=sum(c.nbytes for c in cache),
+        )
+        if finish:
+            break
+    tokens.close()
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **settings: object) -> str:
+    """Generate and return the whole text."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **settings))
