@@ -523,3 +523,60 @@ def test_internal_errors_keep_their_traceback(tiny_untied, monkeypatch):
     monkeypatch.setattr(sys.modules["mlx_qwen2.generate"], "stream_generate", bug)
     with pytest.raises(ValueError, match="internal invariant"):
         generate_main(["--model", str(tiny_untied)])
+
+
+# --- generate --prompts-file, and the cache flags ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "has no prompts"),
+        (b"\n\n", "has no prompts"),
+        (b'{"prompt": "fine"}\n{"prompt": \n', "in.jsonl, line 2"),
+        (b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n', "line 2: not UTF-8"),
+        (b'{"promt": "typo"}\n', "unknown field(s) promt"),
+        (b'{"prompt": 3}\n', 'expected a "prompt" string'),
+        (b'{"prompt": "x", "temp": "hot"}\n', "temp is 'hot'"),
+        (b'{"prompt": "x", "top_p": 7}\n', "top-p"),
+        (b'{"prompt": "x", "max_tokens": -2}\n', "max-tokens"),
+        (b'{"messages": "hi"}\n', '"messages" must be'),
+        (b'{"prompt": "' + b"w " * 600 + b'"}\n', "line 1: the prompt has"),
+    ],
+)
+def test_bad_prompts_file(content, match, tiny_untied, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_bytes(content)
+    argv = ["--model", str(tiny_untied), "--prompts-file", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o")]
+    check(generate_main, argv, capsys, match)
+    assert not (tmp_path / "o").exists()  # nothing ran: every line is checked first
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--prompts-file", "in.jsonl"], "needs --output"),
+        (["--output", "o.jsonl"], "goes with --prompts-file"),
+        (["--prompts-file", "nowhere.jsonl", "--output", "o"], "not found"),
+        (["--prompts-file", "in.jsonl", "--output", "o", "--max-batch", "0"], "--max-batch"),
+        (["--prompts-file", "in.jsonl", "--output", "o", "--kv-bits", "8"], "default cache"),
+        (["--max-kv-size", "3"], "kept prefix"),
+        (["--max-kv-size", "16", "--kv-keep", "20"], "kept prefix"),
+        (["--kv-bits", "5"], "--kv-bits 5"),
+        (["--kv-bits", "8", "--kv-group-size", "16"], "--kv-group-size 16"),
+        (["--kv-bits", "8", "--max-kv-size", "64"], "cannot be combined"),
+        (["--kv-bits", "8", "--quantized-kv-start", "-1"], "quantized-kv-start"),
+        (["--kv-bits", "8"], "does not divide the head size"),  # the tiny model's heads are 16 wide
+    ],
+)
+def test_bad_batch_and_cache_flags(flags, match, tiny_untied, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    check(generate_main, ["--model", str(tiny_untied), "-m", "2", *flags], capsys, match)
+
+
+def test_output_of_another_kind_is_not_overwritten(tiny_untied, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "o.jsonl").write_text("my notes, not results\nmore notes\n")
+    argv = ["--model", str(tiny_untied), "--prompts-file", str(tmp_path / "in.jsonl"), "--output"]
+    check(generate_main, [*argv, str(tmp_path / "o.jsonl")], capsys, "not a result of ours")
+    assert (tmp_path / "o.jsonl").read_text() == "my notes, not results\nmore notes\n"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import mlx.core as mx
 import pytest
 
-from mlx_qwen2 import load, stream_generate
+from mlx_qwen2 import generate, load, stream_generate
 from mlx_qwen2.cache.prefix import PrefixCache
 from mlx_qwen2.errors import UserError
+from mlx_qwen2.generate import main as generate_main
 from mlx_qwen2.generation import Engine, GenerationConfig, Request, batch_generate
 
+generate_cli = sys.modules["mlx_qwen2.generate"]
 PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog again and again", "def add(a, b):", "你好，世界"]
 
 
@@ -173,3 +178,49 @@ def test_batch_cache_rows_match_their_sequences(loaded):
         assert single.offset == len(seq.request.prompt) + len(seq.generated) - 1
     mask = cache.make_mask(1)
     assert mask.shape == (3, 1, 1, cache.size + 1) and bool(mx.all(mask.sum(-1)[:, 0, 0] == cache.offset + 1))
+
+
+def write_prompts(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [
+    {"prompt": "Hi", "max_tokens": 5},
+    {"prompt": "def add(a, b):", "max_tokens": 7, "id": "code"},
+    {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4},
+    {"prompt": "Once upon a time", "temp": 1.0, "seed": 3, "max_tokens": 6},
+]
+
+
+def test_prompts_file_round_trip_and_resume(tiny_untied, tmp_path, capsys, monkeypatch):
+    prompts = write_prompts(tmp_path / "in.jsonl", ROWS)
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", str(tiny_untied), "--prompts-file", str(prompts), "--output", str(out), "--max-batch", "2"]
+    real = generate_cli.append_result
+    written = []
+
+    def interrupt_after_two(path, job, result):
+        real(path, job, result)
+        written.append(job.line)
+        if len(written) == 2:
+            with open(path, "a") as f:
+                f.write('{"line": 9, "text": "half a li')  # the crash cut the next write short
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_cli, "append_result", interrupt_after_two)
+    assert generate_main(argv) == 130
+    monkeypatch.setattr(generate_cli, "append_result", real)
+    assert generate_main(argv) == 0
+    assert "already in" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4]  # each once: the first two were not run again
+    model, tok = load(tiny_untied)
+    for row in rows:
+        spec = ROWS[row["line"] - 1]
+        messages = spec.get("messages") or [{"role": "user", "content": spec["prompt"]}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        settings = {k: v for k, v in spec.items() if k not in ("prompt", "messages", "id")}
+        assert row["text"] == generate(model, tok, ids, **settings), row  # the same as alone
+        assert row["id"] == spec.get("id", row["line"])
+        assert row["prompt_tokens"] == len(ids) and row["finish_reason"] in ("stop", "length")

@@ -13,6 +13,7 @@ from examples.fetch_model import SHA256, gguf_path
 from mlx_qwen2 import load, stream_generate
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.generate import main as generate_main
+from mlx_qwen2.generation import GenerationConfig, batch_generate
 from tests.tiny import hf_greedy, hf_logits
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -110,3 +111,21 @@ def test_cli_streams_the_pinned_reply_and_reports(folder, capsys):
     assert out == GOLDEN + "\n"
     for label in ("Prompt:", "tokens-per-sec", "Generation: 24 tokens", "Peak memory:"):
         assert label in err
+
+
+def test_batch_of_the_real_model_equals_each_alone(ours):
+    """Different lengths, one joining as another leaves: each gives its 16 greedy tokens as alone."""
+    model, tok = ours
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}]),
+        tok.encode(CODE),
+        tok.apply_chat_template([{"role": "user", "content": "用一句话介绍 Python。"}]),
+    ]
+    configs = [GenerationConfig(max_tokens=n) for n in (16, 10, 16)]
+    saved, tok.eos_token_ids = tok.eos_token_ids, set()
+    try:
+        results = batch_generate(model, tok, prompts, configs, max_batch=2)
+        for ids, config, result in zip(prompts, configs, results):
+            assert result.tokens == [r.token for r in stream_generate(model, tok, ids, config=config)]
+    finally:
+        tok.eos_token_ids = saved

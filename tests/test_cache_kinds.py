@@ -1,0 +1,178 @@
+"""Cache kinds against their oracles: a rotating cache equals a recompute over its window, a quantized one
+stays near the float cache, a prompt-cache file continues exactly where it was saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen2 import generate, load, stream_generate
+from mlx_qwen2.cache import KVCache, make_cache
+from mlx_qwen2.cache.config import CacheConfig
+from mlx_qwen2.cache.quantized import QuantizedKVCache
+from mlx_qwen2.cache.rotating import RotatingKVCache
+from mlx_qwen2.cache_prompt import main as cache_prompt_main
+from mlx_qwen2.errors import UserError
+from mlx_qwen2.generate import main as generate_main
+from tests.tiny import make_checkpoint
+
+IDS = [(7 * i + 3) % 300 + 5 for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """head_dim 32: wide enough for the quantized cache's groups."""
+    folder = make_checkpoint(tmp_path_factory.mktemp("wide"), hidden=128, heads=4, kv_heads=2, layers=2, seed=3)
+    model, tok = load(folder)
+    tok.eos_token_ids = set()
+    return folder, model, tok
+
+
+def window_logits(model, ids: list[int], max_size: int, keep: int) -> np.ndarray:
+    """Oracle: the whole sequence in one pass, each query masked to the kept prefix and its recent window."""
+    n = len(ids)
+    p, a = np.arange(n)[:, None], np.arange(n)[None]
+    mask = mx.array((a <= p) & ((a < keep) | (a > p - (max_size - keep))))
+    h = model.model.embed_tokens(mx.array([ids]))
+    for layer in model.layers:
+        h = layer(h, mask, None)
+    return np.array(model.head(model.model.norm(h))[0])
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 40])
+def test_rotating_cache_equals_a_recompute_over_its_window(wide, chunk):
+    _, model, _ = wide
+    cache = [RotatingKVCache(16, keep=4, step=8) for _ in model.layers]
+    got = []
+    for start in range(0, len(IDS), chunk):  # chunked prefill across the window's edge
+        got.append(np.array(model(mx.array([IDS[start : start + chunk]]), cache)[0]))
+    ids = list(IDS)
+    for _ in range(12):  # then one token at a time, the ring wrapping round
+        token = int(got[-1][-1].argmax())
+        ids.append(token)
+        got.append(np.array(model(mx.array([[token]]), cache)[0]))
+    oracle = window_logits(model, ids, 16, 4)
+    np.testing.assert_allclose(np.concatenate(got), oracle[: len(ids)], atol=2e-4)
+    assert cache[0].size == 16 and cache[0].offset == len(ids)
+    # and it is not the full-attention result: the window matters here
+    full = np.array(model(mx.array([ids]))[0])
+    assert np.abs(full[-1] - oracle[len(ids) - 1]).max() > 1e-3
+
+
+def test_rotating_generation_matches_the_window_oracle(wide):
+    _, model, tok = wide
+    tokens = [r.token for r in stream_generate(model, tok, IDS, max_tokens=10, cache_config=CacheConfig(16, 4))]
+    ids = list(IDS)
+    for _ in range(10):
+        ids.append(int(window_logits(model, ids, 16, 4)[-1].argmax()))
+    assert tokens == ids[len(IDS) :]
+
+
+@pytest.mark.parametrize("bits, tolerance", [(8, 0.02), (4, 0.25)])
+def test_quantized_cache_stays_near_the_float_cache(wide, bits, tolerance):
+    _, model, _ = wide
+    ref = np.array(model(mx.array([IDS]), make_cache(len(model.layers)))[0])
+    cache = [QuantizedKVCache(bits, 32) for _ in model.layers]
+    got = np.concatenate([np.array(model(mx.array([IDS[i : i + 7]]), cache)[0]) for i in range(0, len(IDS), 7)])
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < tolerance, err  # relative to the largest logit
+    assert err > 0  # it is really quantized
+    float_bytes = sum(c.nbytes for c in make_and_fill(model, KVCache))
+    assert sum(c.nbytes for c in cache) < float_bytes * (0.55 if bits == 8 else 0.3)
+
+
+def make_and_fill(model, kind):
+    cache = [kind() for _ in model.layers]
+    for i in range(0, len(IDS), 7):
+        model(mx.array([IDS[i : i + 7]]), cache)
+    return cache
+
+
+def test_quantized_kv_start_switches_part_way(wide):
+    _, model, tok = wide
+    config = CacheConfig(kv_bits=8, kv_group_size=32, quantized_kv_start=30)
+    cache = config.make(len(model.layers))
+    assert isinstance(cache[0], KVCache)
+    tokens = [r.token for r in stream_generate(model, tok, IDS[:20], cache=cache, max_tokens=15, cache_config=config)]
+    assert isinstance(cache[0], QuantizedKVCache) and len(tokens) == 15
+
+
+def test_cache_settings_are_checked():
+    with pytest.raises(UserError, match="kept prefix"):
+        CacheConfig(max_kv_size=4, kv_keep=4)
+    with pytest.raises(UserError, match="--kv-bits 3"):
+        CacheConfig(kv_bits=3)
+    with pytest.raises(UserError, match="kept prefix"):
+        RotatingKVCache(2, keep=4)
+
+
+def test_prompt_cache_file_continues_exactly(wide, tmp_path, capsys):
+    folder, model, tok = wide
+    text, more = "The quick brown fox jumps over the lazy dog. " * 4, " And then"
+    path = tmp_path / "p.safetensors"
+    assert cache_prompt_main(["--model", str(folder), "--prompt", text, "--prompt-cache-file", str(path)]) == 0
+    argv = ["--model", str(folder), "--prompt-cache-file", str(path), "--prompt", more, "-m", "12", "--no-verbose"]
+    capsys.readouterr()
+    assert generate_main(argv) == 0
+    out = capsys.readouterr().out
+    ids = tok.encode(text) + tok.encode(more)  # oracle: the whole prompt at once, no cache file
+    assert out == generate(model, tok, ids, max_tokens=12) + "\n"
+    assert list(tmp_path.iterdir()) == [path]  # written atomically: no temporary left
+
+
+def test_prompt_cache_file_for_a_quantized_cache(wide, tmp_path, capsys):
+    folder, model, tok = wide
+    path = tmp_path / "q.safetensors"
+    argv = ["--model", str(folder), "--prompt", "Hello there, " * 5, "--prompt-cache-file", str(path)]
+    assert cache_prompt_main([*argv, "--kv-bits", "8", "--kv-group-size", "32"]) == 0
+    assert generate_main(["--model", str(folder), "--prompt-cache-file", str(path), "--prompt", " x", "-m", "3"]) == 0
+    assert "KV cache" in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved(wide, tmp_path):
+    folder = wide[0]
+    path = tmp_path / "p.safetensors"
+    assert cache_prompt_main(["--model", str(folder), "--prompt", "Some text", "--prompt-cache-file", str(path)]) == 0
+    return folder, path
+
+
+def check_refused(argv, capsys, match):
+    assert generate_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1], err
+
+
+def test_prompt_cache_for_another_model_is_refused(saved, tiny_untied, capsys):
+    _, path = saved
+    check_refused(["--model", str(tiny_untied), "--prompt-cache-file", str(path)], capsys, "another model")
+
+
+def test_prompt_cache_for_another_tokenizer_is_refused(saved, tmp_path, capsys):
+    folder, path = saved
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["added_tokens"][0]["content"] = "<|renamed|>"
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    check_refused(["--model", str(other), "--prompt-cache-file", str(path)], capsys, "another tokenizer")
+
+
+@pytest.mark.parametrize("damage, match", [("truncate", "truncated"), ("garbage", "not a valid"), ("ours", "not a")])
+def test_damaged_prompt_cache_file(saved, damage, match, capsys):
+    folder, path = saved
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 50)
+    else:
+        shutil.copy(folder / "model.safetensors", path)  # a safetensors file, but not a prompt cache
+    check_refused(["--model", str(folder), "--prompt-cache-file", str(path)], capsys, match)
+
+
+def test_missing_prompt_cache_file(wide, tmp_path, capsys):
+    check_refused(["--model", str(wide[0]), "--prompt-cache-file", str(tmp_path / "none")], capsys, "not found")
