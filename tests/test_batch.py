@@ -224,3 +224,26 @@ def test_prompts_file_round_trip_and_resume(tiny_untied, tmp_path, capsys, monke
         assert row["text"] == generate(model, tok, ids, **settings), row  # the same as alone
         assert row["id"] == spec.get("id", row["line"])
         assert row["prompt_tokens"] == len(ids) and row["finish_reason"] in ("stop", "length")
+
+
+def test_prompts_are_prefilled_together_and_a_cancel_mid_prefill(loaded, monkeypatch):
+    model, tok = loaded
+    calls = []
+    real = type(model.model).__call__
+
+    def counting(self, inputs, cache=None):
+        calls.append(tuple(inputs.shape))
+        return real(self, inputs, cache)
+
+    monkeypatch.setattr(type(model.model), "__call__", counting)
+    engine = Engine(model, tok, max_batch=4, prefill_step_size=4)
+    ids = [tok.encode(p) for p in PROMPTS]
+    for i, prompt in enumerate(ids):
+        engine.add(Request(prompt, GenerationConfig(max_tokens=6), id=i))
+    engine.step()
+    assert calls[0] == (4, 4)  # one pass for all four prompts, left-padded, chunk by chunk
+    engine.cancel(1)  # while the group is still being prefilled
+    events = run(engine)
+    assert 1 not in events
+    for i in (0, 2, 3):
+        assert [e.token for e in events[i]] == alone(model, tok, ids[i], max_tokens=6)

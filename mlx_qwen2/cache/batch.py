@@ -16,11 +16,16 @@ from .kv import KVCache
 class BatchKVCache:
     """Keys and values of one layer for B rows, (B, Hkv, T, D), with per-row left padding."""
 
-    def __init__(self, keys: mx.array, values: mx.array, left_pad: list[int], step: int = 256):
+    def __init__(self, keys: mx.array | None, values: mx.array | None, left_pad: list[int], step: int = 256):
         self.step = step
-        self._size = keys.shape[2]
+        self._size = 0 if keys is None else keys.shape[2]
         self.keys, self.values = keys, values
         self.left_pad = list(left_pad)
+
+    @classmethod
+    def empty(cls, left_pad: list[int]) -> BatchKVCache:
+        """A cache for rows that will be prefilled together, row b's first `left_pad[b]` columns padding."""
+        return cls(None, None, left_pad)
 
     @classmethod
     def merge(cls, rows: list[KVCache | BatchKVCache | None]) -> BatchKVCache:
@@ -47,6 +52,8 @@ class BatchKVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         start, length = self._size, keys.shape[2]
+        if self.keys is None:
+            self.keys, self.values = keys[..., :0, :], values[..., :0, :]
         if start + length > self.keys.shape[2]:
             room = -(-(start + length) // self.step) * self.step - self.keys.shape[2]
             widths = [(0, 0), (0, 0), (0, room), (0, 0)]
@@ -57,19 +64,26 @@ class BatchKVCache:
         return self.keys[..., : self._size, :], self.values[..., : self._size, :]
 
     def make_mask(self, length: int) -> mx.array:
-        """(B, 1, L, T): row b's query i sees keys from its first real position up to its own."""
+        """(B, 1, L, T): row b's query i sees keys from its first real position up to its own.
+
+        A query in the padding sees only itself: a row of the mask with nothing allowed would make
+        softmax NaN there, and the NaN would reach real rows through the padded values (0 x NaN).
+        """
         total = self._size + length
         keys = mx.arange(total)[None, None, None, :]  # (1, 1, 1, T)
         queries = mx.arange(self._size, total)[None, None, :, None]  # (1, 1, L, 1)
         first = mx.array(self.left_pad)[:, None, None, None]  # (B, 1, 1, 1)
-        return (keys <= queries) & (keys >= first)
+        return (keys <= queries) & ((keys >= first) | (keys == queries))
 
-    def filter(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order), and drop padding columns no row needs any more."""
+    def filter(self, rows: list[int], trim: bool = True) -> None:
+        """Keep only these rows (in this order); with `trim`, drop padding columns no row needs any more
+        (not while a prefill still feeds columns of its own)."""
+        self.left_pad = [self.left_pad[i] for i in rows]
+        if self.keys is None:
+            return
         index = mx.array(rows)
         self.keys, self.values = self.keys[index], self.values[index]
-        self.left_pad = [self.left_pad[i] for i in rows]
-        cut = min(self.left_pad) if self.left_pad else 0
+        cut = min(self.left_pad) if self.left_pad and trim else 0
         if cut:
             self.keys, self.values = self.keys[..., cut:, :], self.values[..., cut:, :]
             self.left_pad = [p - cut for p in self.left_pad]
@@ -88,7 +102,7 @@ class BatchKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 def _pads(cache: KVCache | BatchKVCache) -> list[int]:

@@ -19,7 +19,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..cache import make_cache
 from ..cache.batch import BatchKVCache
 from ..cache.prefix import PrefixCache
 from ..errors import UserError
@@ -73,6 +72,7 @@ class _Sequence:
         self.text = TextStream(tokenizer, config.stop, min(config.max_tokens, context - len(request.prompt)))
         self.generated: list[int] = []
         self.last: mx.array | None = None  # the token to feed next, (1,)
+        self.greedy = config.temp == 0 and not self.processors  # then the whole batch's argmax serves
 
     def draw(self, logits: mx.array) -> mx.array:
         """The next token (1,) from this sequence's logits (1, vocab)."""
@@ -81,6 +81,20 @@ class _Sequence:
         if self.processors:
             self.history = mx.concatenate([self.history, token])
         return token
+
+
+class _Prefill:
+    """Sequences prefilled together: their prompts left-padded into one token matrix, and one cache."""
+
+    def __init__(self, seqs: list[_Sequence], cache: list[BatchKVCache]):
+        width = max(len(s.pending) for s in seqs)
+        self.seqs, self.cache = seqs, cache
+        self.tokens = mx.array([[0] * (width - len(s.pending)) + s.pending for s in seqs])  # (B, width)
+        self.done = 0  # columns already through the model
+
+    @property
+    def left(self) -> int:
+        return self.tokens.shape[1] - self.done
 
 
 class Engine:
@@ -93,16 +107,14 @@ class Engine:
         max_batch: int = 8,
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
-        make_layer_caches: Callable[[], list[Any]] | None = None,
     ):
         if max_batch < 1:
             raise UserError(f"max-batch must be at least 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.prefix_cache = prefix_cache
-        self.make_layer_caches = make_layer_caches or (lambda: make_cache(len(model.layers)))
         self.waiting: deque[_Sequence] = deque()
-        self.prefilling: _Sequence | None = None
+        self.prefilling: _Prefill | None = None
         self.running: list[_Sequence] = []
         self.batch_cache: list[BatchKVCache] | None = None
         self._cancelled: set[Any] = set()
@@ -125,65 +137,94 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        single = self.prefilling.cache if self.prefilling and self.prefilling.cache else []
-        return sum(c.nbytes for c in [*(self.batch_cache or []), *single])
+        prefill = self.prefilling.cache if self.prefilling else []
+        return sum(c.nbytes for c in [*(self.batch_cache or []), *prefill])
 
     def step(self) -> list[Event]:
-        """One prefill chunk (if a sequence waits and the batch has room), then one decode step of the batch."""
+        """One prefill chunk (if sequences wait and the batch has room), then one decode step of the batch."""
         self._drop_cancelled()
         events = []
         if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
-            self.prefilling = self.waiting.popleft()
-            self._start(self.prefilling)
+            self.prefilling = self._group()
         if self.prefilling is not None:
             events += self._prefill_chunk(self.prefilling)
         if self.running:
             events += self._decode()
         return events
 
-    def _start(self, seq: _Sequence) -> None:
-        if self.prefix_cache is not None:
+    def _fetch(self, seq: _Sequence) -> None:
+        """Look the prompt up in the prefix cache (once per sequence)."""
+        if self.prefix_cache is not None and seq.cache is None:
             seq.cached, seq.cache = self.prefix_cache.fetch(seq.pending)
-        if seq.cache is None:
-            seq.cache, seq.cached = self.make_layer_caches(), 0
-        seq.pending = seq.pending[seq.cached :]
+            seq.pending = seq.pending[seq.cached :]
 
-    def _prefill_chunk(self, seq: _Sequence) -> list[Event]:
+    def _group(self) -> _Prefill:
+        """The next sequences to prefill together: as many as the batch has room for, all starting from an
+        empty cache; a sequence with a prefix-cache hit goes alone, from its cached prefix."""
+        first = self.waiting.popleft()
+        self._fetch(first)
+        if first.cache is not None:
+            return _Prefill([first], [BatchKVCache.merge([c]) for c in first.cache])
+        group = [first]
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
+            self._fetch(self.waiting[0])
+            if self.waiting[0].cache is not None:
+                break  # it goes in a group of its own, next
+            group.append(self.waiting.popleft())
+        width = max(len(s.pending) for s in group)
+        pads = [width - len(s.pending) for s in group]
+        return _Prefill(group, [BatchKVCache.empty(pads) for _ in self.model.layers])
+
+    def _prefill_chunk(self, group: _Prefill) -> list[Event]:
         step = self.prefill_step_size
-        if len(seq.pending) > step:
-            self.model.model(mx.array([seq.pending[:step]]), seq.cache)
-            mx.eval([c.state for c in seq.cache])
-            seq.pending = seq.pending[step:]
+        if group.left > step:
+            self.model.model(group.tokens[:, group.done : group.done + step], group.cache)
+            mx.eval([c.state for c in group.cache])
+            group.done += step
             return []
-        token = seq.draw(next_logits(self.model, mx.array([seq.pending]), seq.cache))
-        mx.eval(token)
-        seq.pending = []
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(seq.request.prompt, seq.cache)
+        logits = next_logits(self.model, group.tokens[:, group.done :], group.cache)  # (B, vocab)
+        tokens = self._draw(group.seqs, logits)
         self.prefilling = None
-        event = self._emit(seq, token, batch_size=len(self.running) + 1)
-        if event.finish_reason is None:
-            self._join(seq)
-        return [event]
+        size = len(self.running) + len(group.seqs)
+        events = [self._emit(seq, int(t.item()), t, size) for seq, t in zip(group.seqs, tokens)]
+        if self.prefix_cache is not None:
+            for i, seq in enumerate(group.seqs):
+                self.prefix_cache.store(seq.request.prompt, [c.row(i) for c in group.cache])
+        joining = [i for i, e in enumerate(events) if e.finish_reason is None]
+        if joining:
+            for c in group.cache:
+                c.filter(joining)
+            self._join([group.seqs[i] for i in joining], group.cache)
+        return events
 
-    def _join(self, seq: _Sequence) -> None:
-        rows = [None] * len(seq.cache) if self.batch_cache is None else self.batch_cache
-        self.batch_cache = [BatchKVCache.merge([old, new]) for old, new in zip(rows, seq.cache)]
-        seq.cache = None  # its keys and values live in the batch now
-        self.running.append(seq)
+    def _join(self, seqs: list[_Sequence], cache: list[BatchKVCache]) -> None:
+        rows = [None] * len(cache) if self.batch_cache is None else self.batch_cache
+        self.batch_cache = [BatchKVCache.merge([old, new]) for old, new in zip(rows, cache)]
+        for seq in seqs:
+            seq.cache = None  # its keys and values live in the batch now
+        self.running += seqs
+
+    def _draw(self, seqs: list[_Sequence], logits: mx.array) -> list[mx.array]:
+        """Each row's next token, (1,) each: one argmax for the whole batch when every row is greedy."""
+        if all(seq.greedy for seq in seqs):
+            tokens = mx.argmax(logits, axis=-1)
+            mx.eval(tokens)
+            return [tokens[i : i + 1] for i in range(len(seqs))]
+        tokens = [seq.draw(logits[i : i + 1]) for i, seq in enumerate(seqs)]
+        mx.eval(tokens)
+        return tokens
 
     def _decode(self) -> list[Event]:
         inputs = mx.concatenate([seq.last for seq in self.running])[:, None]  # (B, 1)
         logits = next_logits(self.model, inputs, self.batch_cache)  # (B, vocab)
-        tokens = [seq.draw(logits[i : i + 1]) for i, seq in enumerate(self.running)]
-        mx.eval(tokens)
+        tokens = self._draw(self.running, logits)
+        values = mx.concatenate(tokens).tolist()
         size = len(self.running)
-        events = [self._emit(seq, token, size) for seq, token in zip(self.running, tokens)]
+        events = [self._emit(seq, v, t, size) for seq, v, t in zip(self.running, values, tokens)]
         self._leave([i for i, e in enumerate(events) if e.finish_reason is not None])
         return events
 
-    def _emit(self, seq: _Sequence, token: mx.array, batch_size: int) -> Event:
-        value = int(token.item())
+    def _emit(self, seq: _Sequence, value: int, token: mx.array, batch_size: int) -> Event:
         seq.generated.append(value)
         seq.last = token
         text, finish = seq.text.add(value)
@@ -212,8 +253,15 @@ class Engine:
             return
         gone, self._cancelled = self._cancelled, set()
         self.waiting = deque(s for s in self.waiting if s.id not in gone)
-        if self.prefilling is not None and self.prefilling.id in gone:
-            self.prefilling = None
+        if self.prefilling is not None:
+            keep = [i for i, seq in enumerate(self.prefilling.seqs) if seq.id not in gone]
+            if not keep:
+                self.prefilling = None
+            elif len(keep) < len(self.prefilling.seqs):
+                group = self.prefilling
+                group.seqs, group.tokens = [group.seqs[i] for i in keep], group.tokens[mx.array(keep)]
+                for c in group.cache:
+                    c.filter(keep, trim=False)  # its columns still line up with the token matrix
         self._leave([i for i, s in enumerate(self.running) if s.id in gone], finished=False)
 
 
