@@ -77,6 +77,8 @@ def throughput(args: argparse.Namespace) -> dict:
                 for tool in TOOLS:
                     if tool == "mlx-lm" and (batch not in args.user_batches or name not in args.user_models):
                         continue
+                    if tool == "mlx-lm + OpenBLAS" and args.lm_batches is not None and batch not in args.lm_batches:
+                        continue
                     row[tool] = run_worker(tool, folder, ids_file, batch, args.gen_tokens, args.timeout)
                     print(f"{name} batch {batch} {tool}: {row[tool]}", flush=True)
     return results
@@ -153,6 +155,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--user-batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--user-models", nargs="*", default=["float32", "bfloat16"], help="(4-bit: ~0.5 prompt tokens/s)")
+    p.add_argument("--lm-batches", type=int, nargs="*", default=None, help="mlx-lm + OpenBLAS only at these")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600)

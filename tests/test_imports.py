@@ -28,6 +28,7 @@ LAYERS = {
         "backends.cpu",
         "backends.cpu.blas",
         "backends.cpu.layers",
+        "backends.metal",
         "quant",
         "quant.affine",
         "quant.recipes",

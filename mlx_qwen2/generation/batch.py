@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.batch import BatchKVCache
 from ..cache.prefix import PrefixCache
 from ..errors import UserError
@@ -62,8 +63,9 @@ class _Sequence:
         config = request.config
         self.request, self.id = request, request.id
         self.pending = list(request.prompt)  # prompt tokens not yet through the model
-        self.cache: list[Any] | None = None
+        self.cache: list[Any] | None = None  # a cached prefix of the prompt, from the prefix cache
         self.cached = 0
+        self.looked_up = False
         self.sampler = make_sampler(config.temp, config.top_p, config.top_k, config.min_p)
         self.processors = make_logits_processors(config.repetition_penalty, config.repetition_context_size)
         self.processors += request.logits_processors
@@ -154,9 +156,10 @@ class Engine:
 
     def _fetch(self, seq: _Sequence) -> None:
         """Look the prompt up in the prefix cache (once per sequence)."""
-        if self.prefix_cache is not None and seq.cache is None:
+        if self.prefix_cache is not None and not seq.looked_up:
             seq.cached, seq.cache = self.prefix_cache.fetch(seq.pending)
             seq.pending = seq.pending[seq.cached :]
+        seq.looked_up = True
 
     def _group(self) -> _Prefill:
         """The next sequences to prefill together: as many as the batch has room for, all starting from an
@@ -244,6 +247,8 @@ class Engine:
         self.running = [self.running[i] for i in keep]
         if not keep:
             self.batch_cache = None
+            if not self.busy:
+                mx.clear_cache()  # idle: give the freed buffers back
             return
         for c in self.batch_cache:
             c.filter(keep)
@@ -302,6 +307,18 @@ def batch_generate(
             results[i] = BatchResult("", [], len(ids), 0, "length")
         else:
             engine.add(Request(ids, cfg, id=i))
+    planned = sum(len(s.request.prompt) + s.request.config.max_tokens for s in engine.waiting)
+    with wired_limit(model, planned * kv_bytes_per_token(model)):
+        _run(engine, results, partial, on_result)
+    return [results[i] for i in range(len(prompts))]
+
+
+def _run(
+    engine: Engine,
+    results: dict[int, BatchResult],
+    partial: dict[int, list[Event]],
+    on_result: Callable[[int, BatchResult], None] | None,
+) -> None:
     while engine.busy:
         for event in engine.step():
             partial[event.id].append(event)
@@ -309,7 +326,6 @@ def batch_generate(
                 results[event.id] = _result(partial.pop(event.id))
                 if on_result is not None:
                     on_result(event.id, results[event.id])
-    return [results[i] for i in range(len(prompts))]
 
 
 def _configs(config: Any, n: int, settings: dict[str, object]) -> list[GenerationConfig]:

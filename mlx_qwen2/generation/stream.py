@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.config import CacheConfig
 from ..model import Model
 from ..sample import Sampler, make_logits_processors, make_sampler
@@ -85,6 +86,13 @@ def stream_generate(
     key = sampling_key(config.seed)
     after = cache_config.maybe_quantize if cache_config.kv_bits is not None else None
     tokens = generate_step(mx.array(ids), model, cache, sampler, processors, config.prefill_step_size, key, after)
+    with wired_limit(model, (cached + len(ids) + max_tokens) * kv_bytes_per_token(model)):
+        yield from _responses(tokens, max_tokens, text, clock, ids, cached, cache)
+
+
+def _responses(
+    tokens: Iterator[int], max_tokens: int, text: TextStream, clock: _Clock, ids: list[int], cached: int, cache: list
+) -> Iterator[GenerationResponse]:
     for n, token in enumerate(tokens if max_tokens > 0 else (), start=1):
         if n == 1:
             clock.first_token()

@@ -20,6 +20,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..backends.metal import wired_limit
 from ..errors import UserError
 from .data import Example, batches, training_batches
 
@@ -201,7 +202,7 @@ def train(
     start_step: int = 0,
 ) -> float | None:
     """Train from `start_step` to cfg.iters; `save(step, is_best)` writes a checkpoint. Returns the best val loss."""
-    with gradient_checkpointing(model) if cfg.grad_checkpoint else nullcontext():
+    with wired_limit(model), gradient_checkpointing(model) if cfg.grad_checkpoint else nullcontext():
         mx.random.seed(cfg.seed + start_step)
         step_once = make_step(model, optimizer, cfg)
         # The same batches in the same order whether or not the run was resumed.
