@@ -51,7 +51,7 @@ def test_warning_when_weights_and_caches_do_not_fit(tiny_untied, fake_metal):
     with metal.wired_limit(model, cache_bytes=10_000_000 - weights + 1, warn=warnings.append):
         pass
     assert len(warnings) == 1
-    assert "(0.01 GB), more than this Mac's recommended working set (0.01 GB)" in warnings[0]
+    assert "need 0.01 GB, more than this Mac's recommended working set (0.01 GB)" in warnings[0]
     assert "--max-kv-size" in warnings[0] and "iogpu.wired_limit_mb=" in warnings[0]
     with metal.wired_limit(model, cache_bytes=10_000_000 - weights, warn=warnings.append):  # exactly fits
         pass
