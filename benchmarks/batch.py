@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +27,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from benchmarks.common import ROOT, eval_text, held_out_texts, real_model_folder
-from benchmarks.generation import model_folders, openblas
+from benchmarks.common import ROOT, eval_text, held_out_texts, real_model_folder, run_worker
+from benchmarks.generation import model_folders
 from mlx_qwen2 import load
 from mlx_qwen2.cache.config import CacheConfig
 from mlx_qwen2.cache.prefix import PrefixCache
@@ -40,24 +37,6 @@ from mlx_qwen2.loader import load_weights
 from mlx_qwen2.tokenizer import Tokenizer
 
 TOOLS = ("mlx_qwen2", "mlx-lm + OpenBLAS", "mlx-lm")
-
-
-def run_worker(tool: str, folder: Path, ids_file: Path, batch: int, gen: int, timeout: float) -> dict | None:
-    worker_tool = "mlx-lm" if tool.startswith("mlx-lm") else tool
-    cmd = [sys.executable, "-m", "benchmarks.batch_worker", "--tool", worker_tool, "--model", str(folder)]
-    cmd += ["--ids", str(ids_file), "--batch", str(batch), "--gen-tokens", str(gen)]
-    env = None
-    if tool.startswith("mlx-lm"):
-        env = {**os.environ, "MLX_QWEN2_BLAS": "off"}
-    if tool == "mlx-lm + OpenBLAS":
-        env["LD_PRELOAD"] = openblas()
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True, env=env)
-    except subprocess.TimeoutExpired:
-        return None
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"{tool} failed:\n{e.stderr[-2000:]}") from e
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def throughput(args: argparse.Namespace) -> dict:
@@ -79,7 +58,9 @@ def throughput(args: argparse.Namespace) -> dict:
                         continue
                     if tool == "mlx-lm + OpenBLAS" and args.lm_batches is not None and batch not in args.lm_batches:
                         continue
-                    row[tool] = run_worker(tool, folder, ids_file, batch, args.gen_tokens, args.timeout)
+                    argv = ["--model", str(folder), "--ids", str(ids_file), "--batch", str(batch)]
+                    argv += ["--gen-tokens", str(args.gen_tokens)]
+                    row[tool] = run_worker("batch_worker", tool, argv, args.timeout)
                     print(f"{name} batch {batch} {tool}: {row[tool]}", flush=True)
     return results
 

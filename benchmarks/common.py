@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -15,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from examples.fetch_model import SHA256, cache_dir, gguf_path  # noqa: E402
+from mlx_qwen2.backends.cpu import blas  # noqa: E402
 from mlx_qwen2.convert import main as convert_main  # noqa: E402
 
 # Held-out text for a coder model: modules of Python's standard library (not in the calibration sample).
@@ -75,3 +79,32 @@ def perplexity(model, ids: list[int], window: int = 512) -> float:
         nll -= float(picked.sum())
         n += len(chunk) - 1
     return float(np.exp(nll / n))
+
+
+def openblas() -> str:
+    """The OpenBLAS library mlx_qwen2 loaded in this process (for LD_PRELOAD into mlx-lm's)."""
+    if not blas.in_use.startswith("OpenBLAS ("):
+        raise SystemExit(f"no OpenBLAS in use ({blas.in_use}); install libopenblas0-pthread to compare like for like.")
+    return blas.in_use.removeprefix("OpenBLAS (").removesuffix(")")
+
+
+def run_worker(module: str, tool: str, argv: list[str], timeout: float) -> dict | None:
+    """Run `python -m benchmarks.MODULE --tool ... ARGV` in a fresh process; its last stdout line as JSON, or
+    None past `timeout`. "mlx-lm" runs on MLX's own BLAS, "mlx-lm + OpenBLAS" on ours through LD_PRELOAD alone
+    (the workers' package imports mlx_qwen2, whose own BLAS loading is switched off for mlx-lm); checked in
+    the worker's memory map."""
+    worker_tool = "mlx-lm" if tool.startswith("mlx-lm") else tool
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--tool", worker_tool, *argv]
+    env = {**os.environ, "MLX_QWEN2_BLAS": "off"} if tool.startswith("mlx-lm") else None
+    if tool == "mlx-lm + OpenBLAS":
+        env["LD_PRELOAD"] = openblas()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{tool} failed ({' '.join(argv)}):\n{e.stderr[-2000:]}") from e
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if tool.startswith("mlx") and ("openblas" in result["blas"]) != (tool != "mlx-lm"):
+        raise RuntimeError(f"{tool} ran with the wrong BLAS: {result['blas']}")
+    return result

@@ -26,16 +26,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, cache_dir, eval_text, gguf_path, real_model_folder
-from mlx_qwen2.backends.cpu import blas
+from benchmarks.common import ROOT, cache_dir, eval_text, gguf_path, real_model_folder, run_worker
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load_weights
 from mlx_qwen2.tokenizer import Tokenizer
@@ -61,37 +58,11 @@ def model_folders(names: list[str]) -> dict[str, Path]:
     return {k: v for k, v in folders.items() if k in names}
 
 
-def openblas() -> str:
-    """The OpenBLAS library mlx_qwen2 loaded in this process (for LD_PRELOAD into mlx-lm's)."""
-    if not blas.in_use.startswith("OpenBLAS ("):
-        raise SystemExit(f"no OpenBLAS in use ({blas.in_use}); install libopenblas0-pthread to compare like for like.")
-    return blas.in_use.removeprefix("OpenBLAS (").removesuffix(")")
-
-
-def run_worker(tool: str, folder: Path, ids_file: Path, gen_tokens: int, timeout: float, f32: bool) -> dict | None:
-    worker_tool = "mlx-lm" if tool.startswith("mlx-lm") else tool
+def measure(tool: str, folder: Path, ids_file: Path, gen_tokens: int, timeout: float, f32: bool) -> dict | None:
     model = gguf_path() if tool == "llama.cpp" else folder
-    cmd = [sys.executable, "-m", "benchmarks.gen_worker", "--tool", worker_tool, "--model", str(model)]
-    if f32 and tool == "mlx_qwen2":
-        cmd += ["--dtype", "float32"]
-    cmd += ["--ids", str(ids_file), "--gen-tokens", str(gen_tokens), "--decode-seconds", str(timeout / 3)]
-    # The worker's package (benchmarks/__init__) imports mlx_qwen2, which would load OpenBLAS: for mlx-lm that
-    # is switched off, so it runs on MLX's own BLAS, or on OpenBLAS through LD_PRELOAD alone.
-    env = None
-    if tool.startswith("mlx-lm"):
-        env = {**os.environ, "MLX_QWEN2_BLAS": "off"}
-    if tool == "mlx-lm + OpenBLAS":
-        env["LD_PRELOAD"] = openblas()
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True, env=env)
-    except subprocess.TimeoutExpired:
-        return None
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"{tool} failed on {folder}:\n{e.stderr[-2000:]}") from e
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    if tool.startswith("mlx") and ("openblas" in result["blas"]) != (tool != "mlx-lm"):
-        raise RuntimeError(f"{tool} ran with the wrong BLAS: {result['blas']}")
-    return result
+    argv = ["--model", str(model), "--ids", str(ids_file), "--gen-tokens", str(gen_tokens)]
+    argv += ["--decode-seconds", str(timeout / 3)] + (["--dtype", "float32"] if f32 and tool == "mlx_qwen2" else [])
+    return run_worker("gen_worker", tool, argv, timeout)
 
 
 def main() -> None:
@@ -120,7 +91,7 @@ def main() -> None:
                         if runs[tool] and runs[tool][-1] is None:
                             continue  # timed out once: do not spend the time again
                         f32 = name.endswith("-f32")
-                        res = run_worker(tool, folder, ids_file, args.gen_tokens, args.timeout, f32)
+                        res = measure(tool, folder, ids_file, args.gen_tokens, args.timeout, f32)
                         runs[tool].append(res)
                         print(f"{key} round {r + 1} {tool}: {res}", flush=True)
                 results[key] = runs

@@ -11,7 +11,28 @@ import mlx.core as mx
 from ..errors import UserError
 
 
-class KVCache:
+class SequentialCache:
+    """What the caches that hold every position seen, in order, share (plain and quantized)."""
+
+    offset: int
+
+    def make_mask(self, length: int) -> str | None:
+        """One new token attends to everything cached: no mask. More: "causal" (the last query sees the last key)."""
+        return "causal" if length > 1 else None
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (for re-using a cache); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def size(self) -> int:
+        """Positions held (for these kinds, all positions seen)."""
+        return self.offset
+
+
+class KVCache(SequentialCache):
     """Keys and values of one attention layer, (B, n_kv_heads, length, head_dim)."""
 
     def __init__(self, step: int = 256):
@@ -41,21 +62,6 @@ class KVCache:
             new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
         self.keys, self.values = new_k, new_v
-
-    def make_mask(self, length: int) -> str | None:
-        """One new token attends to everything cached: no mask. More: "causal" (the last query sees the last key)."""
-        return "causal" if length > 1 else None
-
-    def trim(self, n: int) -> int:
-        """Forget the last `n` positions (for re-using a cache); returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    @property
-    def size(self) -> int:
-        """Positions held (for this kind, all positions seen)."""
-        return self.offset
 
     @property
     def state(self) -> list[mx.array]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import UserError
-from .kv import KVCache
+from .kv import KVCache, SequentialCache
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
@@ -27,7 +27,7 @@ def check_kv_settings(bits: int, group_size: int) -> None:
 Triple = tuple[mx.array, mx.array, mx.array]  # packed, scales, biases
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(SequentialCache):
     """Keys and values of one layer, quantized: each a (packed, scales, biases) triple, (B, Hkv, T, ...)."""
 
     def __init__(self, bits: int = 8, group_size: int = 64, step: int = 256):
@@ -82,18 +82,6 @@ class QuantizedKVCache:
     def restore(self, *arrays: mx.array) -> None:
         """Hold these quantized keys and values: what `state` returned (packed, scales, biases of each)."""
         self.keys, self.values, self.offset = tuple(arrays[:3]), tuple(arrays[3:]), arrays[0].shape[2]
-
-    def make_mask(self, length: int) -> str | None:
-        return "causal" if length > 1 else None
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    @property
-    def size(self) -> int:
-        return self.offset
 
     @property
     def state(self) -> list[mx.array]:
