@@ -77,13 +77,33 @@ def test_weight_gradient_of_a_16_bit_layer_matches():
         _close(g_ours[name], g_theirs[name], mx.float16)  # 16-bit gradients: equal up to one rounding
 
 
-def test_float32_layers_and_gpus_are_left_alone():
+def test_gpus_are_left_alone():
     m = nn.Module()
-    m.a = nn.Linear(8, 8)  # float32: BLAS already
-    assert use_fast_layers(m, mx.Device(mx.cpu)) == 0
+    m.a = nn.Linear(8, 8)
     m.b = nn.QuantizedLinear(64, 64, group_size=32, bits=4)
     assert use_fast_layers(m, mx.Device(mx.gpu)) == 0
-    assert use_fast_layers(m, mx.Device(mx.cpu)) == 1
+    assert use_fast_layers(m, mx.Device(mx.cpu)) == 2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 15, 16, 40])
+def test_few_row_products_are_padded_and_unchanged(rows, monkeypatch):
+    """2..15 rows go through a 16-row product (OpenBLAS threads it); the rows that come back are the same."""
+    w = mx.random.normal((96, 64), key=mx.random.key(1))
+    x = mx.random.normal((rows, 1, 64), key=mx.random.key(2))  # (batch, 1 token, in): a batched decode step
+    seen = []
+    real = mx.pad
+    monkeypatch.setattr(mx, "pad", lambda a, widths, *args, **kw: seen.append(a.shape) or real(a, widths, *args, **kw))
+    got = fast.rows_product(x, w)
+    assert got.shape == (rows, 1, 96)
+    np.testing.assert_allclose(np.array(got), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+    assert bool(seen) == (2 <= rows < 16)
+    layer = nn.Linear(64, 96)
+    layer.weight = w
+    holder = nn.Module()
+    holder.l = layer
+    reference = np.array(layer(x))
+    assert use_fast_layers(holder, mx.Device(mx.cpu)) == 1
+    np.testing.assert_allclose(np.array(holder.l(x)), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantized", [True, False], ids=["quantized", "16-bit"])
