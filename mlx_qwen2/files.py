@@ -10,7 +10,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,25 @@ def read_json(path: Path, missing_ok: bool = False) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object; re-download or re-convert the model.")
     return data
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line; UserError naming the file and line of a line that
+    is not UTF-8 or not JSON. What a record must hold is the caller's to check."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{e.reason} at byte {e.start} of the line"
+                raise UserError(f"{path}, line {n}: not UTF-8 text ({where}); save it as UTF-8.") from e
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: {e}") from e
+            yield n, record
 
 
 def check_safetensors(path: Path) -> None:

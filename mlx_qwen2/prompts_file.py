@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, check_types
+from .files import jsonl_records
 from .generation import BatchResult, GenerationConfig
 from .generation.step import check_room
 from .tokenizer import Tokenizer
@@ -63,16 +64,11 @@ def read_jobs(
     if not path.is_file():
         raise UserError(f"prompts file {path} not found.")
     jobs = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if line.strip():
-                    jobs.append(_job(json.loads(line), n, tok, base, context, chat_template))
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}, line {n}: not UTF-8 text ({e.reason}); save it as UTF-8.") from e
-            except (json.JSONDecodeError, ValueError) as e:
-                raise UserError(f"{path}, line {n}: {e}") from e
+    for n, record in jsonl_records(path):
+        try:
+            jobs.append(_job(record, n, tok, base, context, chat_template))
+        except ValueError as e:
+            raise UserError(f"{path}, line {n}: {e}") from e
     if not jobs:
         raise UserError(f"{path} has no prompts.")
     return jobs

@@ -8,10 +8,10 @@ source (a frozen copy of mlx_qwen2 0.1.0's modules), 16,389 tokens of the Qwen2 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import jsonl_records
 from ..tokenizer import Tokenizer
 
 SAMPLE = Path(__file__).with_name("calibration-v1.txt")
@@ -20,22 +20,19 @@ SEQUENCE_LENGTH = 512
 
 
 def _read_texts(path: Path) -> list[str]:
-    try:
-        if path.suffix != ".jsonl":
+    if path.suffix != ".jsonl":
+        try:
             return [path.read_text(encoding="utf-8")]
-        texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f'{path}, line {n}: expected a JSON object with a "text" field ({e}).') from e
-            if not isinstance(texts[-1], str):
-                raise UserError(f'{path}, line {n}: "text" must be a string.')
-        return texts
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from e
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from e
+    texts = []
+    for n, record in jsonl_records(path):
+        if not isinstance(record, dict) or "text" not in record:
+            raise UserError(f'{path}, line {n}: expected a JSON object with a "text" field.')
+        if not isinstance(record["text"], str):
+            raise UserError(f'{path}, line {n}: "text" must be a string.')
+        texts.append(record["text"])
+    return texts
 
 
 def calibration_ids(

@@ -69,14 +69,8 @@ class LoRALinear(nn.Module):
 class DoRALinear(LoRALinear):
     """LoRA with a learned magnitude per output row (weight-decomposed low-rank adaptation)."""
 
-    def __init__(
-        self,
-        linear: nn.Module,
-        rank: int = DEFAULT_RANK,
-        scale: float = DEFAULT_SCALE,
-        dropout: float = DEFAULT_DROPOUT,
-    ):
-        super().__init__(linear, rank, scale, dropout)
+    def __init__(self, linear: nn.Module, *args: Any, **kwargs: Any):  # LoRALinear's rank, scale, dropout
+        super().__init__(linear, *args, **kwargs)
         self.m = mx.linalg.norm(_weight(linear).astype(mx.float32), axis=1)  # (out,)
 
     def __call__(self, x: mx.array) -> mx.array:

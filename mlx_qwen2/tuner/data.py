@@ -7,7 +7,6 @@ completions and every assistant turn. Knows nothing of models or training.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from ..files import jsonl_records
 from ..tokenizer import Tokenizer
 
 
@@ -80,18 +80,11 @@ def load_jsonl(path: Path, tok: Tokenizer, mask_prompt: bool) -> list[Example]:
     if not path.is_file():
         raise UserError(f"{path} not found.")
     examples = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if line.strip():
-                    examples.append(encode_line(tok, json.loads(line), mask_prompt))
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path}, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); save it as UTF-8."
-                ) from e
-            except (json.JSONDecodeError, ValueError) as e:
-                raise UserError(f"{path}, line {n}: {e}") from e
+    for n, record in jsonl_records(path):
+        try:
+            examples.append(encode_line(tok, record, mask_prompt))
+        except ValueError as e:
+            raise UserError(f"{path}, line {n}: {e}") from e
     if not examples:
         raise UserError(f"{path} has no examples.")
     return examples
