@@ -1,11 +1,12 @@
 """Continuous batching: sequences join and leave a running batch; `batch_generate` for a list of prompts.
 
-The engine keeps a queue of requests, one sequence at a time in prefill (a chunk per step) and
-the running batch, which advances one token per step for every sequence in it. Each step runs
-one prefill chunk, then one decode step of the batch, so a long prompt delays the others by a
-chunk at a time, not by its whole length. A sequence whose prompt is done joins the batch
-(its cache merged in, left-padded); a finished or cancelled one leaves it, and its cache rows go
-at the next step. Each sequence has its own sampler, processors, stop strings, token budget and
+The engine keeps a queue of requests, a group in prefill (the waiting prompts that fit in the
+batch, left-padded into one pass and fed a chunk per step; a prompt with a prefix-cache hit goes
+alone, from its cached prefix) and the running batch, which advances one token per step for every
+sequence in it. Each step runs one prefill chunk, then one decode step of the batch, so a long
+prompt delays the others by a chunk at a time, not by its whole length. Sequences whose prompt is
+done join the batch (their cache rows merged in, left-padded); a finished or cancelled one leaves
+it, and its cache rows go at the next step. Each sequence has its own sampler, processors, stop strings, token budget and
 random key. Knows nothing of HTTP or files.
 """
 
