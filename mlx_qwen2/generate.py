@@ -22,7 +22,7 @@ from .generation import BatchResult, GenerationConfig, GenerationResponse, batch
 from .loader import DTYPES, load, resolve_path
 from .model import Model
 from .prompts_file import append_result, done_lines, read_jobs
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, prompt_ids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,16 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, GenerationConfig)
     add_dataclass_args(p, CacheConfig)
     return p
-
-
-def prompt_ids(tokenizer: Tokenizer, prompt: str, system: str | None, use_template: bool | None) -> list[int]:
-    """The prompt as token ids, through the chat template when asked (or available)."""
-    if use_template is None:
-        use_template = tokenizer.chat_template is not None
-    if not use_template:
-        return tokenizer.encode(prompt)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def read_stdin() -> str:

@@ -20,7 +20,7 @@ from .errors import UserError, check_types
 from .files import jsonl_records
 from .generation import BatchResult, GenerationConfig
 from .generation.step import check_room
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, prompt_ids
 
 SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"prefill_step_size"}
 
@@ -48,9 +48,7 @@ def _job(record: Any, n: int, tok: Tokenizer, base: GenerationConfig, context: i
             raise UserError('"messages" must be a list of {"role": ..., "content": ...}')
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     elif isinstance(record.get("prompt"), str):
-        prompt = record["prompt"]
-        use = template and tok.chat_template is not None
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if use else tok.encode(prompt)
+        ids = prompt_ids(tok, record["prompt"], None, None if template else False)  # the template, if there is one
     else:
         raise UserError('expected a "prompt" string or a "messages" list')
     check_room(ids, 0, context)

@@ -165,6 +165,16 @@ class Tokenizer:
         return self.encode(text) if tokenize else text
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str, system: str | None, use_template: bool | None) -> list[int]:
+    """The prompt as token ids, through the chat template when asked (or available)."""
+    if use_template is None:
+        use_template = tokenizer.chat_template is not None
+    if not use_template:
+        return tokenizer.encode(prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
 def _token_text(value: str | dict[str, Any]) -> str:
     return value["content"] if isinstance(value, dict) else value
 

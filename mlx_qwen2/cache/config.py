@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from .kv import KVCache
+from .kv import KVCache, make_cache
 from .quantized import QuantizedKVCache, check_kv_settings
 from .rotating import RotatingKVCache
 
@@ -46,7 +46,7 @@ class CacheConfig:
             return [RotatingKVCache(self.max_kv_size, self.kv_keep) for _ in range(num_layers)]
         if self.kv_bits is not None and self.quantized_kv_start == 0:
             return [QuantizedKVCache(self.kv_bits, self.kv_group_size) for _ in range(num_layers)]
-        return [KVCache() for _ in range(num_layers)]
+        return make_cache(num_layers)
 
     def maybe_quantize(self, cache: list[Any]) -> None:
         """Swap float layer caches for quantized ones, in place, once they hold `quantized_kv_start` tokens."""
