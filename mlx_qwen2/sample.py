@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import UserError
 
@@ -104,3 +105,32 @@ def make_logits_processors(repetition_penalty: float = 1.0, context_size: int = 
     if repetition_penalty == 1.0:
         return []
     return [repetition_penalty_processor(repetition_penalty, context_size)]
+
+
+def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
+    """Add a fixed bias to some token ids' logits (OpenAI's `logit_bias`; -100 bans, +100 forces)."""
+    ids = mx.array(list(bias.keys()))
+    values = mx.array(list(bias.values()), dtype=mx.float32)
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        logits[..., ids] = logits[..., ids] + values.astype(logits.dtype)
+        return logits
+
+    return process
+
+
+def penalty_processor(presence: float, frequency: float, start: int) -> LogitsProcessor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (those from `start` on):
+    each token seen loses `presence` once plus `frequency` per time it was generated."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = np.asarray(tokens[start:])
+        if generated.size == 0:
+            return logits
+        ids, counts = np.unique(generated, return_counts=True)
+        penalty = mx.array(presence + frequency * counts.astype(np.float32))
+        picked = mx.array(ids)
+        logits[..., picked] = logits[..., picked] - penalty.astype(logits.dtype)
+        return logits
+
+    return process

@@ -125,8 +125,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json text (for libraries that build their own view of it)."""
+        return self._tokenizer.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token: int) -> str | None:
+        return self._tokenizer.id_to_token(token)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token contributes to decoded text (special tokens contribute none)."""

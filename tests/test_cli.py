@@ -14,7 +14,7 @@ from mlx_qwen2.chat import main as chat_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.generate import main as generate_main
 
-CLI_MODULES = ["generate", "chat", "convert", "lora", "fuse", "cache_prompt"]
+CLI_MODULES = ["generate", "chat", "convert", "lora", "fuse", "cache_prompt", "server"]
 
 
 def test_generate_streams_and_reports(tiny_untied, capsys):
@@ -65,7 +65,7 @@ def test_load_rejects_unknown_dtype_names(tiny_untied):
 
 @pytest.mark.parametrize("module", CLI_MODULES)
 def test_help_in_process(module, capsys):
-    main = importlib.import_module(f"mlx_qwen2.{module}").main
+    main = importlib.import_module(f"mlx_qwen2.{module}" + (".main" if module == "server" else "")).main
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0

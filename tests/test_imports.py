@@ -50,13 +50,16 @@ LAYERS = {
         "generation.step",
         "generation.stream",
         "generation.batch",
+        "generation.grammar",
         "prompts_file",
         "conversion",
         "tuner.trainer",
         "tuner.checkpoint",
         "cli",
     },
-    "app": {"generate", "convert", "chat", "lora", "fuse", "cache_prompt"},
+    "app": {"generate", "convert", "chat", "lora", "fuse", "cache_prompt"}
+    | {f"server{m}" for m in ("", ".app", ".schema", ".tools", ".runner", ".metrics", ".guard", ".completions")}
+    | {f"server{m}" for m in (".settings", ".main", ".__main__")},
 }
 RANK = {m: i for i, layer in enumerate(LAYERS.values()) for m in layer}
 CORE_THIRD_PARTY = {"mlx", "numpy", "tokenizers", "jinja2"}

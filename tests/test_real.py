@@ -9,9 +9,8 @@ import torch
 from mlx.utils import tree_flatten
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from examples.fetch_model import SHA256, gguf_path
+from examples.fetch_model import gguf_path
 from mlx_qwen2 import load, stream_generate
-from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.generate import main as generate_main
 from mlx_qwen2.generation import GenerationConfig, batch_generate
 from tests.tiny import hf_greedy, hf_logits
@@ -31,10 +30,8 @@ MIXED = "Hello, 世界! 你好吗？ def f(x):\n\treturn x ** 2  # 😀🎉\n\n\
 
 
 @pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("real") / "qwen2.5-coder-0.5b-instruct"
-    assert convert_main(["--gguf", str(gguf_path()), "--mlx-path", str(out), "--sha256", SHA256]) == 0
-    return out
+def folder(real_folder):
+    return real_folder
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def modules() -> list[str]:
-    """The `python -m mlx_qwen2.X` entry points: the modules that end in `if __name__ == "__main__":`."""
-    return sorted(p.stem for p in (ROOT / "mlx_qwen2").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+    """The `python -m mlx_qwen2.X` entry points: the modules that end in `if __name__ == "__main__":`, and the
+    subpackages with a `__main__.py`."""
+    package = ROOT / "mlx_qwen2"
+    names = [p.stem for p in package.glob("*.py") if 'if __name__ == "__main__":' in p.read_text()]
+    return sorted(names + [p.parent.name for p in package.glob("*/__main__.py")])
 
 
 def console_scripts() -> list[str]:
@@ -84,5 +87,5 @@ def test_console_script_help(fresh_venv, script):
 
 
 def test_every_entry_point_is_tested():
-    assert modules() == ["cache_prompt", "chat", "convert", "fuse", "generate", "lora"]
+    assert modules() == ["cache_prompt", "chat", "convert", "fuse", "generate", "lora", "server"]
     assert console_scripts() == [f"mlx_qwen2-{m}" for m in modules()]

@@ -34,12 +34,17 @@ from .text import TextStream
 
 @dataclass
 class Request:
-    """A prompt (token ids) and its own settings; `logits_processors` come after the config's."""
+    """A prompt (token ids) and its own settings; `logits_processors` come after the config's.
+
+    With `logprobs` k (0 or more), each event carries the drawn token's log-probability under the
+    model (the log-softmax of its logits, before any processor or sampler) and the k most likely tokens'.
+    """
 
     prompt: list[int]
     config: GenerationConfig = field(default_factory=GenerationConfig)
     id: Any = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    logprobs: int | None = None
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Event:
     generation_tokens: int
     cached_tokens: int
     batch_size: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class _Sequence:
@@ -190,7 +197,9 @@ class Engine:
         tokens = self._draw(group.seqs, logits)
         self.prefilling = None
         size = len(self.running) + len(group.seqs)
-        events = [self._emit(seq, int(t.item()), t, size) for seq, t in zip(group.seqs, tokens)]
+        values = mx.concatenate(tokens).tolist()
+        scores = _logprobs(group.seqs, logits, values)
+        events = [self._emit(*args, size) for args in zip(group.seqs, values, tokens, scores)]
         if self.prefix_cache is not None:
             for i, seq in enumerate(group.seqs):
                 self.prefix_cache.store(seq.request.prompt, [c.row(i) for c in group.cache])
@@ -224,16 +233,17 @@ class Engine:
         tokens = self._draw(self.running, logits)
         values = mx.concatenate(tokens).tolist()
         size = len(self.running)
-        events = [self._emit(seq, v, t, size) for seq, v, t in zip(self.running, values, tokens)]
+        scores = _logprobs(self.running, logits, values)
+        events = [self._emit(*args, size) for args in zip(self.running, values, tokens, scores)]
         self._leave([i for i, e in enumerate(events) if e.finish_reason is not None])
         return events
 
-    def _emit(self, seq: _Sequence, value: int, token: mx.array, batch_size: int) -> Event:
+    def _emit(self, seq: _Sequence, value: int, token: mx.array, score: _Scores, batch_size: int) -> Event:
         seq.generated.append(value)
         seq.last = token
         text, finish = seq.text.add(value)
         prompt = len(seq.request.prompt)
-        return Event(seq.id, value, text, finish, prompt, len(seq.generated), seq.cached, batch_size)
+        return Event(seq.id, value, text, finish, prompt, len(seq.generated), seq.cached, batch_size, *score)
 
     def _leave(self, rows: list[int], finished: bool = True) -> None:
         """Take these rows out of the batch; finished ones first go to the prefix cache, if there is one."""
@@ -269,6 +279,28 @@ class Engine:
                 for c in group.cache:
                     c.filter(keep, trim=False)  # its columns still line up with the token matrix
         self._leave([i for i, s in enumerate(self.running) if s.id in gone], finished=False)
+
+
+_Scores = tuple[float | None, list[tuple[int, float]] | None]  # (drawn token's logprob, top ones)
+
+
+def _logprobs(seqs: list[_Sequence], logits: mx.array, drawn: list[int]) -> list[_Scores]:
+    """Log-probabilities for the rows whose request asked for them; (None, None) for the others."""
+    rows = [i for i, seq in enumerate(seqs) if seq.request.logprobs is not None]
+    scores: list[_Scores] = [(None, None)] * len(seqs)
+    if not rows:
+        return scores
+    picked = logits[mx.array(rows)].astype(mx.float32)
+    logp = picked - mx.logsumexp(picked, axis=-1, keepdims=True)  # (R, vocab)
+    k = max(seqs[i].request.logprobs for i in rows)
+    top = mx.argsort(-logp, axis=-1)[:, :k] if k else mx.zeros((len(rows), 0), dtype=mx.int32)
+    chosen = mx.take_along_axis(logp, mx.array([[drawn[i]] for i in rows]), axis=-1)[:, 0]
+    top_values = mx.take_along_axis(logp, top, axis=-1)
+    chosen, top, top_values = chosen.tolist(), top.tolist(), top_values.tolist()
+    for j, i in enumerate(rows):
+        n = seqs[i].request.logprobs
+        scores[i] = (chosen[j], list(zip(top[j][:n], top_values[j][:n])))
+    return scores
 
 
 @dataclass

@@ -1,0 +1,462 @@
+"""From an OpenAI request to engine sequences and back: prompt and settings in, choices out, whole or as
+server-sent events. The routes (app.py) call `chat` and `complete`; the engine sees only `Request`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import UserError
+from ..generation.batch import Event, Request
+from ..generation.grammar import Grammars
+from ..generation.settings import GenerationConfig
+from ..generation.step import check_room
+from ..model import Model
+from ..sample import LogitsProcessor, logit_bias_processor, penalty_processor
+from ..tokenizer import Tokenizer
+from . import schema
+from .metrics import Metrics
+from .runner import EngineRunner, QueueFull
+from .settings import ServerSettings
+from .tools import ToolCallParser, forced_call_grammar, template_messages
+
+
+class ApiError(Exception):
+    """An error the client gets in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return schema.error_body(self.message, self.type, self.param, self.code)
+
+
+@dataclass
+class Served:
+    """What the routes share."""
+
+    model: Model
+    tokenizer: Tokenizer
+    runner: EngineRunner
+    grammars: Grammars
+    settings: ServerSettings
+    metrics: Metrics
+    model_id: str
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_id:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; this server serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+
+_ids = itertools.count()
+
+
+def _plan(
+    served: Served, ids: list[int], body: schema._Sampling, grammar: str | None, logprobs: int | None, param: str
+) -> list[Request]:
+    """One engine request per choice, with the body's settings; ApiError for what cannot be served."""
+    context = served.model.args.context_length
+    try:
+        check_room(ids, 0, context)
+    except UserError as e:
+        raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
+    if body.n > served.settings.max_n:
+        raise ApiError(400, f"n is {body.n}; this server allows at most {served.settings.max_n}", param="n")
+    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
+    bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
+    requests = []
+    for i in range(body.n):
+        config = GenerationConfig(
+            max_tokens=min(wanted, context - len(ids)),
+            temp=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=None if body.seed is None else body.seed + i,
+            stop=body.stops(),
+        )
+        processors: list[LogitsProcessor] = []
+        if bias:
+            processors.append(logit_bias_processor(bias))
+        if body.presence_penalty or body.frequency_penalty:
+            processors.append(penalty_processor(body.presence_penalty, body.frequency_penalty, len(ids)))
+        if grammar is not None:
+            processors.append(served.grammars.processor(grammar, len(ids)))
+        requests.append(Request(list(ids), config, ("r", next(_ids)), processors, logprobs))
+    return requests
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id in 0..{vocab - 1}", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def _response_grammar(served: Served, body: schema._Sampling) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise ApiError(400, "response_format of type json_schema needs a json_schema object", param="response_format")
+    try:
+        grammar = served.grammars.json_schema(fmt.json_schema.json_schema if fmt.json_schema else None)
+        served.grammars.check(grammar)
+    except UserError as e:
+        raise ApiError(400, str(e), param="response_format", code="invalid_schema") from e
+    return grammar
+
+
+class Generation:
+    """The events of one request's sequences, in order; a tick (None) every `keepalive` seconds of silence."""
+
+    def __init__(self, served: Served, requests: list[Request], arrived: float):
+        self.served, self.arrived = served, arrived
+        self.index = {r.id: i for i, r in enumerate(requests)}
+        self.open = set(self.index)
+        self.queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        self.first: float | None = None
+        try:
+            served.runner.submit(requests, self.queue)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error", code="queue_full") from e
+
+    async def events(self) -> AsyncIterator[Event | None]:
+        settings = self.served.settings
+        deadline = self.arrived + settings.request_timeout
+        while self.open:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(
+                    504,
+                    f"the request ran past the server's limit of {settings.request_timeout:g} s",
+                    "timeout_error",
+                    code="timeout",
+                )
+            try:
+                item = await asyncio.wait_for(self.queue.get(), min(settings.keepalive, left))
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if isinstance(item, BaseException):
+                self.open.clear()
+                raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", "server_error") from item
+            if self.first is None:
+                self.first = time.monotonic()
+                self.served.metrics.ttft.observe(self.first - self.arrived)
+            if item.finish_reason is not None:
+                self.open.discard(item.id)
+            yield item
+
+    def close(self) -> None:
+        """Cancel whatever has not finished (a client gone, a timeout, an error)."""
+        if self.open:
+            self.served.runner.cancel(list(self.open))
+            self.open.clear()
+
+
+class Choice:
+    """One choice's output so far; `add` turns an event into the delta to stream."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, tools: bool):
+        self.index, self.tokenizer = index, tokenizer
+        self.parser = ToolCallParser() if tools else None
+        self.text, self.calls, self.logprobs = "", [], []
+        self.finish: str | None = None
+        self.prompt = self.generated = self.cached = 0
+
+    def add(self, event: Event) -> dict[str, Any]:
+        """The chat delta for this event ({} when it adds nothing)."""
+        self.prompt, self.generated, self.cached = event.prompt_tokens, event.generation_tokens, event.cached_tokens
+        if event.logprob is not None and event.token not in self.tokenizer.eos_token_ids:
+            self.logprobs.append(_token_logprob(self.tokenizer, event.token, event.logprob, event.top_logprobs))
+        delta: dict[str, Any] = {}
+        pieces = (
+            [("text", event.text)]
+            if self.parser is None
+            else self.parser.feed(event.text, event.finish_reason is not None)
+        )
+        for kind, value in pieces:
+            if kind == "text" and value:
+                self.text += value
+                delta["content"] = delta.get("content", "") + value
+            elif kind == "call":
+                delta.setdefault("tool_calls", []).append({"index": len(self.calls), **value})
+                self.calls.append(value)
+        if event.finish_reason is not None:
+            self.finish = "tool_calls" if self.calls and event.finish_reason == "stop" else event.finish_reason
+        return delta
+
+
+def _token_logprob(
+    tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
+) -> dict[str, Any]:
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        raw = tokenizer.token_bytes(t)
+        text = raw.decode("utf-8", errors="replace") if raw else tokenizer.id_to_token(t) or ""
+        return {"token": text, "logprob": lp, "bytes": list(raw or text.encode())}
+
+    return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
+
+
+def _totals(choices: list[Choice]) -> dict[str, Any]:
+    return schema.usage(choices[0].prompt, sum(c.generated for c in choices), choices[0].cached)
+
+
+def _record(served: Served, http: HttpRequest, id_: str, choices: list[Choice]) -> None:
+    prompt, generated, cached = choices[0].prompt, sum(c.generated for c in choices), choices[0].cached
+    served.metrics.prompt_tokens.inc(prompt)
+    served.metrics.generation_tokens.inc(generated)
+    served.metrics.cached_tokens.inc(cached)
+    http.scope["state"]["log"].update(prompt=prompt, completion=generated, cached=cached)
+
+
+async def _collect(gen: Generation, http: HttpRequest, on_event: Callable[[Event], None]) -> None:
+    """Feed every event to `on_event`; stop (and cancel) if the client disconnects first."""
+
+    async def drain() -> None:
+        async for event in gen.events():
+            if event is not None:
+                on_event(event)
+
+    work, gone = asyncio.create_task(drain()), asyncio.create_task(_disconnected(http))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()
+            raise ApiError(499, "the client disconnected", code="client_closed")
+        work.result()
+    finally:
+        gone.cancel()
+        gen.close()
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    gen: Generation,
+    chunks: Callable[[Event], list[dict[str, Any]]],
+    opening: list[dict[str, Any]],
+    closing: Callable[[], list[dict[str, Any]]],
+) -> AsyncIterator[str]:
+    try:
+        for chunk in opening:
+            yield _sse(chunk)
+        async for event in gen.events():
+            if event is None:
+                yield ": keep-alive\n\n"
+                continue
+            for chunk in chunks(event):
+                yield _sse(chunk)
+        for chunk in closing():
+            yield _sse(chunk)
+    except ApiError as e:
+        yield _sse(e.body())
+    finally:
+        gen.close()
+    yield "data: [DONE]\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def chat(served: Served, body: schema.ChatRequest, http: HttpRequest) -> Response:
+    arrived = time.monotonic()
+    served.check_model(body.model)
+    ids, grammar, tools = _chat_prompt(served, body)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    gen = Generation(served, _plan(served, ids, body, grammar, logprobs, "messages"), arrived)
+    id_ = schema.new_id("chatcmpl")
+    http.scope["state"]["log"]["id"] = id_
+    choices = [Choice(i, served.tokenizer, tools) for i in range(body.n)]
+    model = served.model_id
+
+    def choice_of(event: Event) -> Choice:
+        return choices[gen.index[event.id]]
+
+    if not body.stream:
+        await _collect(gen, http, lambda e: choice_of(e).add(e))
+        _record(served, http, id_, choices)
+        out = [_chat_choice(c, body.logprobs) for c in choices]
+        return JSONResponse(schema.envelope(id_, "chat.completion", model, out, usage=_totals(choices)))
+
+    usage_too = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if usage_too else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        part = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return schema.envelope(id_, "chat.completion.chunk", model, [part], **extra)
+
+    def chunks(event: Event) -> list[dict[str, Any]]:
+        c = choice_of(event)
+        seen = len(c.logprobs)
+        delta = c.add(event)
+        logprobs = {"content": c.logprobs[seen:]} if body.logprobs and len(c.logprobs) > seen else None
+        out = [chunk(c.index, delta, None, logprobs)] if delta or logprobs else []
+        if c.finish is not None:
+            out.append(chunk(c.index, {}, c.finish))
+        return out
+
+    def closing() -> list[dict[str, Any]]:
+        _record(served, http, id_, choices)
+        return [schema.envelope(id_, "chat.completion.chunk", model, [], usage=_totals(choices))] if usage_too else []
+
+    opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
+    return StreamingResponse(
+        _stream(gen, chunks, opening, closing), media_type="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+def _chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], str | None, bool]:
+    """(prompt ids, grammar or None, whether to parse tool calls) for a chat request."""
+    try:
+        messages = template_messages(body.messages)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from e
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    tools = body.tools if body.tools and choice != "none" else None
+    if choice != "none" and not body.tools:
+        raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+    grammar = _response_grammar(served, body)
+    if tools and choice != "auto":
+        if grammar is not None:
+            raise ApiError(
+                400, "response_format and a required tool call cannot both constrain the output", param="tool_choice"
+            )
+        name = None if choice == "required" else choice.function.name
+        try:
+            grammar = served.grammars.lark(forced_call_grammar(tools, name))
+            served.grammars.check(grammar)
+        except (ValueError, UserError) as e:
+            raise ApiError(400, str(e), param="tools") from e
+    kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+    try:
+        ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except Exception as e:  # jinja2 raises for conversations the template refuses (roles out of order, ...)
+        raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    return ids, grammar, tools is not None
+
+
+def _chat_choice(c: Choice, logprobs: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text if c.text or not c.calls else None}
+    if c.calls:
+        message["tool_calls"] = c.calls
+    return {
+        "index": c.index,
+        "message": message,
+        "logprobs": {"content": c.logprobs} if logprobs else None,
+        "finish_reason": c.finish,
+    }
+
+
+async def complete(served: Served, body: schema.CompletionRequest, http: HttpRequest) -> Response:
+    arrived = time.monotonic()
+    served.check_model(body.model)
+    if body.suffix:
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+    ids = _completion_prompt(served, body.prompt)
+    gen = Generation(
+        served, _plan(served, ids, body, _response_grammar(served, body), body.logprobs, "prompt"), arrived
+    )
+    id_ = schema.new_id("cmpl")
+    http.scope["state"]["log"]["id"] = id_
+    choices = [Choice(i, served.tokenizer, False) for i in range(body.n)]
+    echo = served.tokenizer.decode(ids) if body.echo else ""
+    model = served.model_id
+
+    def piece(c: Choice, text: str, seen: int, finish: str | None) -> dict[str, Any]:
+        return {
+            "index": c.index,
+            "text": text,
+            "logprobs": _legacy_logprobs(c.logprobs[seen:]) if body.logprobs is not None else None,
+            "finish_reason": finish,
+        }
+
+    if not body.stream:
+        await _collect(gen, http, lambda e: choices[gen.index[e.id]].add(e))
+        _record(served, http, id_, choices)
+        out = [piece(c, echo + c.text, 0, c.finish) for c in choices]
+        return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=_totals(choices)))
+
+    usage_too = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if usage_too else {}
+
+    def chunks(event: Event) -> list[dict[str, Any]]:
+        c = choices[gen.index[event.id]]
+        seen = len(c.logprobs)
+        text = c.add(event).get("content", "")
+        if not text and c.finish is None and len(c.logprobs) == seen:
+            return []
+        return [schema.envelope(id_, "text_completion", model, [piece(c, text, seen, c.finish)], **extra)]
+
+    def closing() -> list[dict[str, Any]]:
+        _record(served, http, id_, choices)
+        return [schema.envelope(id_, "text_completion", model, [], usage=_totals(choices))] if usage_too else []
+
+    opening = (
+        [schema.envelope(id_, "text_completion", model, [piece(c, echo, 0, None)], **extra) for c in choices]
+        if echo
+        else []
+    )
+    return StreamingResponse(
+        _stream(gen, chunks, opening, closing), media_type="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+def _completion_prompt(served: Served, prompt: str | list[Any]) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    vocab = served.model.args.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return ids
+
+
+def _legacy_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The completions API's older logprobs shape."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
