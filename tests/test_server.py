@@ -633,3 +633,64 @@ def test_sigterm_finishes_running_requests_and_exits(long_model):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
     assert s.proc.wait(30) in (0, -signal.SIGTERM) and time.monotonic() - started < 30
     assert any("engine stopped" in line for line in s.log)
+
+
+@pytest.fixture(scope="module")
+def real_server(real_folder):
+    s = ServerProcess(real_folder, "--served-model-name", "qwen-coder")
+    yield s
+    s.stop()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_model_greedy_equals_generate_alone_and_among_eight(real_server, real_folder):
+    model, tokenizer = load(real_folder)
+    question = "Write a Python function that reverses a string."
+    expected, _ = greedy((model, tokenizer), chat_ids(tokenizer, question), 16)
+
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key="none", max_retries=0) as c:
+
+            async def one(text: str, n: int) -> str:
+                messages = [{"role": "user", "content": text}]
+                r = await c.chat.completions.create(model="qwen-coder", messages=messages, max_tokens=n, temperature=0)
+                return r.choices[0].message.content
+
+            alone = await one(question, 16)
+            others = [one(f"Say something about the number {i}.", 24) for i in range(8)]
+            among = await asyncio.gather(*others[:4], one(question, 16), *others[4:])
+            return [alone, among[4]]
+
+    assert asyncio.run(run()) == [expected, expected]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_model_tool_call_round_trip_and_json(real_server):
+    c = openai.OpenAI(base_url=real_server.url + "/v1", api_key="none", max_retries=0)
+    tool = {**WEATHER, "function": {**WEATHER["function"], "description": "Get the current weather in a city"}}
+    messages = [{"role": "user", "content": "What is the weather in Oslo for the next 3 days?"}]
+    r = c.chat.completions.create(
+        model="qwen-coder", messages=messages, tools=[tool], tool_choice="required", max_tokens=60, temperature=0
+    )
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert json.loads(call.function.arguments) == {"city": "Oslo", "days": 3}
+    messages += [
+        r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 12 C"},
+    ]
+    rendered = real_server.client().post("/tokenize", json={"messages": messages}).json()["tokens"]
+    text = real_server.client().post("/detokenize", json={"tokens": rendered}).json()["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny, 12 C\n</tool_response>" in text
+    follow = c.chat.completions.create(
+        model="qwen-coder", messages=messages, tools=[tool], max_tokens=30, temperature=0
+    )
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")  # what a 0.5B model says next varies
+    prompt = [{"role": "user", "content": "Describe a cat as JSON with name and age."}]
+    r = c.chat.completions.create(
+        model="qwen-coder", messages=prompt, max_tokens=60, temperature=0, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(r.choices[0].message.content), dict)

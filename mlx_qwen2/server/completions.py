@@ -27,7 +27,7 @@ from . import schema
 from .metrics import Metrics
 from .runner import EngineRunner, QueueFull
 from .settings import ServerSettings
-from .tools import ToolCallParser, forced_call_grammar, template_messages
+from .tools import CLOSE, OPEN, ToolCallParser, forced_call_grammar, template_messages
 
 
 class ApiError(Exception):
@@ -357,7 +357,8 @@ def _chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], s
             )
         name = None if choice == "required" else choice.function.name
         try:
-            grammar = served.grammars.lark(forced_call_grammar(tools, name))
+            tags = all(served.tokenizer.token_to_id(t) is not None for t in (OPEN, CLOSE))
+            grammar = served.grammars.lark(forced_call_grammar(tools, name, tags))
             served.grammars.check(grammar)
         except (ValueError, UserError) as e:
             raise ApiError(400, str(e), param="tools") from e

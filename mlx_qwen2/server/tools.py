@@ -116,8 +116,12 @@ def _template_call(name: str, arguments: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "arguments": parsed}}
 
 
-def forced_call_grammar(tools: list[Tool], name: str | None = None) -> str:
-    """A Lark grammar (llguidance's dialect) for exactly one call block: to the named tool, or to any."""
+def forced_call_grammar(tools: list[Tool], name: str | None = None, tag_tokens: bool = False) -> str:
+    """A Lark grammar (llguidance's dialect) for exactly one call block: to the named tool, or to any.
+
+    With `tag_tokens` (the tokenizer has `<tool_call>` and `</tool_call>` as tokens of their own, as
+    Qwen2.5's does), the tags are those tokens, which llguidance names like special tokens; otherwise text.
+    """
     chosen = [t for t in tools if name is None or t.function.name == name]
     if not chosen:
         raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
@@ -135,4 +139,5 @@ def forced_call_grammar(tools: list[Tool], name: str | None = None) -> str:
     ]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     schema = {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact JSON, as Qwen writes it
-    return f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}\n'
+    open_, close = (OPEN, CLOSE) if tag_tokens else (json.dumps(OPEN), json.dumps(CLOSE))
+    return f'start: {open_} "\\n" call "\\n" {close}\ncall: %json {json.dumps(schema)}\n'
