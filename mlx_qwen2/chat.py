@@ -1,6 +1,6 @@
 """Interactive multi-turn chat that keeps the KV cache between turns.
 
-python -m mlx_qwen2.chat --model Qwen/Qwen2-0.5B-Instruct
+python -m mlx_qwen2.chat --model Qwen/Qwen2-0.5B-Instruct [--draft-model D | --prompt-lookup 3]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from .cache.prefix import PrefixCache, common_prefix
 from .cli import add_dataclass_args, blas_hint, from_args, report_errors
 from .errors import UserError
 from .generation import GenerationConfig, GenerationResponse, stream_generate
-from .loader import DTYPES, load, resolve_path
+from .generation.speculative import SpeculativeConfig
+from .loader import DTYPES, load, load_draft, resolve_path
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -38,12 +39,15 @@ class ChatSession:
         system: str | None = None,
         prefix_cache: PrefixCache | None = None,
         cache_config: CacheConfig | None = None,
+        draft: Model | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         if not tokenizer.chat_template:
             raise UserError("this model has no chat template; use `python -m mlx_qwen2.generate` instead.")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.cache_config = cache_config or CacheConfig()
+        self.draft, self.speculative = draft, speculative
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.reset()
 
@@ -70,7 +74,15 @@ class ChatSession:
         reuse = self._reuse(ids)
         reply, generated = "", []
         stream = stream_generate(
-            self.model, self.tokenizer, ids[reuse:], cache=self.cache, config=config, cache_config=self.cache_config
+            self.model,
+            self.tokenizer,
+            ids[reuse:],
+            cache=self.cache,
+            config=config,
+            cache_config=self.cache_config,
+            draft=self.draft,
+            speculative=self.speculative,
+            history=ids[:reuse],
         )
         for r in stream:
             reply += r.text
@@ -92,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-file", default=None, help="a cache from `mlx_qwen2.cache_prompt --system ...`")
     add_dataclass_args(p, GenerationConfig, skip=("stop",))
     add_dataclass_args(p, CacheConfig)
+    add_dataclass_args(p, SpeculativeConfig)
     return p
 
 
@@ -99,15 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config, cache_config = from_args(GenerationConfig, args), from_args(CacheConfig, args)
+    speculative = from_args(SpeculativeConfig, args)
+    if speculative.enabled and not cache_config.plain:
+        raise UserError("speculative decoding needs the plain cache; drop --max-kv-size and --kv-bits.")
     blas_hint()
     folder = resolve_path(args.model)
     model, tokenizer = load(folder, dtype=args.dtype, adapter_path=args.adapter_path)
+    draft = load_draft(speculative.draft_model, tokenizer, args.dtype)
     prefix = PrefixCache()
     if args.prompt_cache_file:  # its tokens start the conversation: the session finds them as a prefix
         fingerprints = model_fingerprint(folder, args.adapter_path, args.dtype), tokenizer_fingerprint(folder)
         cache, tokens = load_prompt_cache(Path(args.prompt_cache_file), *fingerprints)
         prefix.store(tokens, cache)
-    session = ChatSession(model, tokenizer, args.system, prefix, cache_config)
+    session = ChatSession(model, tokenizer, args.system, prefix, cache_config, draft, speculative)
     if sys.stdin.isatty():
         print("Type a message; '/reset' starts over, '/quit' or Ctrl-D ends.", file=sys.stderr)
     while True:

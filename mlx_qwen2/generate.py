@@ -2,6 +2,7 @@
 
 python -m mlx_qwen2.generate --model Qwen/Qwen2-0.5B-Instruct --prompt "Hello"
 python -m mlx_qwen2.generate --model M --prompts-file in.jsonl --output out.jsonl [--max-batch 8]
+python -m mlx_qwen2.generate --model M --prompt P --draft-model D [--num-draft-tokens 4]   # or --prompt-lookup 3
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .cache.files import load_prompt_cache, model_fingerprint, tokenizer_fingerp
 from .cli import add_dataclass_args, blas_hint, from_args, report_errors
 from .errors import UserError
 from .generation import BatchResult, GenerationConfig, GenerationResponse, batch_generate, stream_generate
-from .loader import DTYPES, load, resolve_path
+from .generation.speculative import SpeculativeConfig
+from .loader import DTYPES, load, load_draft, resolve_path
 from .model import Model
 from .prompts_file import append_result, done_lines, read_jobs
 from .tokenizer import Tokenizer, prompt_ids
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="with --prompts-file: most sequences decoded together")
     add_dataclass_args(p, GenerationConfig)
     add_dataclass_args(p, CacheConfig)
+    add_dataclass_args(p, SpeculativeConfig)
     return p
 
 
@@ -66,6 +69,14 @@ def print_stats(last: GenerationResponse) -> None:
     cached = f" (+{last.cached_tokens} cached)" if last.cached_tokens else ""
     print(f"Prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=sys.stderr)
+    if last.draft_tokens:
+        share = last.accepted_tokens / last.draft_tokens
+        per_pass = last.generation_tokens / max(last.target_passes, 1)
+        print(
+            f"Speculative: {last.accepted_tokens}/{last.draft_tokens} proposed tokens accepted ({share:.0%}), "
+            f"{per_pass:.2f} tokens per model pass",
+            file=sys.stderr,
+        )
     print(f"Peak memory: {last.peak_memory:.3f} GB, KV cache: {last.cache_bytes / 1e6:.1f} MB", file=sys.stderr)
     print(f"Device: {mx.default_device()}, BLAS: {blas.in_use}", file=sys.stderr)
 
@@ -111,8 +122,14 @@ class Progress:
             print(file=sys.stderr)
 
 
-def check_flags(args: argparse.Namespace, cache_config: CacheConfig) -> None:
+def check_flags(args: argparse.Namespace, cache_config: CacheConfig, speculative: SpeculativeConfig) -> None:
+    if speculative.enabled and not cache_config.plain:
+        raise UserError("speculative decoding needs the plain cache; drop --max-kv-size and --kv-bits.")
     if args.prompts_file is not None:
+        if speculative.enabled:
+            raise UserError(
+                "--prompts-file decodes in batches, without speculation; drop --draft-model, --prompt-lookup."
+            )
         if args.output is None:
             raise UserError("--prompts-file needs --output, the .jsonl file the results go to.")
         if not cache_config.plain or args.prompt_cache_file:
@@ -129,7 +146,8 @@ def check_flags(args: argparse.Namespace, cache_config: CacheConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config, cache_config = from_args(GenerationConfig, args), from_args(CacheConfig, args)
-    check_flags(args, cache_config)
+    speculative = from_args(SpeculativeConfig, args)
+    check_flags(args, cache_config, speculative)
     prompt = read_stdin() if args.prompt == "-" and args.prompts_file is None else args.prompt
     blas_hint()
     folder = resolve_path(args.model)
@@ -142,8 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         cache, _ = load_prompt_cache(Path(args.prompt_cache_file), *fingerprints)
         args.chat_template = bool(args.chat_template)
     ids = prompt_ids(tokenizer, prompt, args.system, args.chat_template)
+    draft = load_draft(speculative.draft_model, tokenizer, args.dtype, args.fast)
     last = None
-    for last in stream_generate(model, tokenizer, ids, cache=cache, config=config, cache_config=cache_config):
+    responses = stream_generate(
+        model,
+        tokenizer,
+        ids,
+        cache=cache,
+        config=config,
+        cache_config=cache_config,
+        draft=draft,
+        speculative=speculative,
+    )
+    for last in responses:
         print(last.text, end="", flush=True)
     print()
     if args.verbose and last is not None:

@@ -22,7 +22,7 @@ from .backends.cpu.layers import use_fast_layers
 from .errors import UserError
 from .files import load_safetensors, read_json
 from .model import Model, ModelArgs
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_same_vocab
 from .tuner.adapters import load_adapters
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
@@ -185,3 +185,17 @@ def load(
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     return model, tokenizer
+
+
+def load_draft(
+    path_or_id: str | os.PathLike[str] | None,
+    tokenizer: Tokenizer,
+    dtype: mx.Dtype | str | None = None,
+    fast: bool = True,
+) -> Model | None:
+    """A draft model for speculative decoding (None for no path), after checking it shares `tokenizer`'s vocabulary."""
+    if path_or_id is None:
+        return None
+    draft, draft_tokenizer = load(path_or_id, dtype=dtype, fast=fast)
+    check_same_vocab(tokenizer, draft_tokenizer)
+    return draft

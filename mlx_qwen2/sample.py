@@ -77,11 +77,22 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
         return greedy
 
     def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
-        logits = logits.astype(mx.float32) / temp
-        logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
-        return mx.random.categorical(logits, axis=-1, key=key)
+        return mx.random.categorical(filtered_logits(logits, temp, top_p, top_k, min_p), axis=-1, key=key)
 
     return sample
+
+
+def filtered_logits(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """The logits a sampler with these settings (temp > 0) draws from: float32, scaled, filtered (-inf out)."""
+    logits = logits.astype(mx.float32) / temp
+    return apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
+
+
+def probabilities(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """The distribution such a sampler draws from, (B, vocab); one-hot on the argmax for temp 0."""
+    if temp == 0:
+        return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
+    return mx.softmax(filtered_logits(logits, temp, top_p, top_k, min_p), axis=-1)
 
 
 def repetition_penalty_processor(penalty: float, context_size: int = 20) -> LogitsProcessor:

@@ -125,6 +125,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token (added ones too) and its id."""
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
     def backend_json(self) -> str:
         """The tokenizer as tokenizer.json text (for libraries that build their own view of it)."""
         return self._tokenizer.to_str()
@@ -180,6 +184,17 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, system: str | None, use_templa
         return tokenizer.encode(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def check_same_vocab(target: Tokenizer, draft: Tokenizer) -> None:
+    """UserError unless a draft model's tokenizer maps every token to the same id as the target's."""
+    ours, theirs = target.vocab(), draft.vocab()
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise UserError(
+            f"the draft model's tokenizer differs from the target's ({differ} token ids differ); "
+            "use a draft of the same model family (e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct)."
+        )
 
 
 def _token_text(value: str | dict[str, Any]) -> str:

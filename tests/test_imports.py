@@ -51,6 +51,7 @@ LAYERS = {
         "generation.stream",
         "generation.batch",
         "generation.grammar",
+        "generation.speculative",
         "prompts_file",
         "conversion",
         "tuner.trainer",

@@ -17,8 +17,10 @@ import mlx.core as mx
 import numpy as np
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from mlx_qwen2 import load, stream_generate
+from mlx_qwen2.server import ServerSettings, create_app
 from mlx_qwen2.server.tools import ToolCallParser
 from tests.serving import ServerProcess
 from tests.tiny import make_checkpoint
@@ -694,3 +696,95 @@ def test_real_model_tool_call_round_trip_and_json(real_server):
         model="qwen-coder", messages=prompt, max_tokens=60, temperature=0, response_format={"type": "json_object"}
     )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_logit_bias_forces_and_bans_tokens(client, local, tiny_untied):
+    tokenizer = local[1]
+    forced = tokenizer.encode("ps")[0]
+    messages = [{"role": "user", "content": "bias"}]
+    r = client.chat.completions.create(
+        model=str(tiny_untied), messages=messages, max_tokens=5, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].message.content == tokenizer.decode([forced]) * 5
+    top = list(stream_generate(*local, chat_ids(tokenizer, "bias"), max_tokens=1))[0].token
+    r = client.chat.completions.create(
+        model=str(tiny_untied),
+        messages=messages,
+        max_tokens=1,
+        temperature=0,
+        logit_bias={str(top): -100},
+        logprobs=True,
+        top_logprobs=2,
+    )
+    entry = r.choices[0].logprobs.content[0]  # logprobs are the model's own, before the bias
+    assert entry.logprob == pytest.approx(entry.top_logprobs[1].logprob)  # the second best: the best is banned
+    assert entry.logprob < entry.top_logprobs[0].logprob
+
+
+def test_presence_and_frequency_penalties_match_a_hand_computed_greedy(client, local, tiny_untied):
+    model, tokenizer = local
+    ids = chat_ids(tokenizer, "repeat after me")
+    tokens: list[int] = []
+    for _ in range(12):  # the oracle: a full forward pass per token, penalties subtracted by hand
+        logits = np.array(model(mx.array([ids + tokens]))[0, -1].astype(mx.float32))
+        for t in set(tokens):
+            logits[t] -= 0.5 + 0.7 * tokens.count(t)
+        tokens.append(int(np.argmax(logits)))
+        if tokens[-1] in tokenizer.eos_token_ids:
+            break
+    r = client.chat.completions.create(
+        model=str(tiny_untied),
+        messages=[{"role": "user", "content": "repeat after me"}],
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=0.7,
+    )
+    assert r.choices[0].message.content == tokenizer.decode(tokens)
+    plain = client.chat.completions.create(
+        model=str(tiny_untied), messages=[{"role": "user", "content": "repeat after me"}], max_tokens=12, temperature=0
+    )
+    assert plain.choices[0].message.content != r.choices[0].message.content
+
+
+def test_max_tokens_is_capped_by_the_context(client, local, tiny_untied):
+    ids = chat_ids(local[1], "long")
+    r = client.chat.completions.create(
+        model=str(tiny_untied),
+        messages=[{"role": "user", "content": "long"}],
+        max_tokens=100_000,
+        temperature=0,
+        logit_bias={str(local[1].encode("ps")[0]): 100},
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 512 - len(ids)
+
+
+def test_cors_is_off_unless_origins_are_given(local):
+    preflight = {"Origin": "https://example.com", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in (([], False), (["https://example.com"], True)):
+        app = create_app(*local, ServerSettings(allowed_origins=origins), "tiny")
+        with TestClient(app) as c:
+            r = c.options("/v1/chat/completions", headers=preflight)
+            assert ("access-control-allow-origin" in r.headers) == allowed
+            assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_keep_alive_comments_while_a_request_waits(local):
+    """A stream whose first token is slow to come (a long prefill) gets SSE comments meanwhile."""
+    app = create_app(*local, ServerSettings(keepalive=0.05), "tiny")
+    with TestClient(app) as c:
+        runner = app.state.served.runner
+        step = runner.engine.step
+
+        def slow_step():
+            time.sleep(0.3)
+            return step()
+
+        runner.engine.step = slow_step  # the engine thread calls it for every step
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line]
+    assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+    assert lines.index(": keep-alive") < next(
+        i for i, line in enumerate(lines) if '"content": "' in line and '"role"' not in line
+    )

@@ -28,7 +28,8 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(_bytes(layers) for layers in self._entries.values())
+        # a snapshot (taken in one step under the GIL): a server reads this while its engine thread stores
+        return sum(_bytes(layers) for layers in list(self._entries.values()))
 
     def __len__(self) -> int:
         return len(self._entries)

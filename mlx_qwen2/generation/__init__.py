@@ -2,6 +2,7 @@
 
 from .batch import BatchResult, Engine, Request, batch_generate
 from .settings import GenerationConfig
+from .speculative import SpeculativeConfig
 from .step import generate_step, prefill
 from .stream import GenerationResponse, generate, stream_generate
 from .text import StopMatcher, TextStream, held_back
@@ -12,6 +13,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationResponse",
     "Request",
+    "SpeculativeConfig",
     "StopMatcher",
     "TextStream",
     "batch_generate",

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -365,7 +366,7 @@ def _chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], s
     kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
     try:
         ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-    except Exception as e:  # jinja2 raises for conversations the template refuses (roles out of order, ...)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # a conversation the template refuses
         raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
     return ids, grammar, tools is not None
 
