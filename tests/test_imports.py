@@ -59,7 +59,10 @@ LAYERS = {
         "cli",
     },
     "app": {"generate", "convert", "chat", "lora", "fuse", "cache_prompt"}
-    | {f"server{m}" for m in ("", ".app", ".schema", ".tools", ".runner", ".metrics", ".guard", ".completions")}
+    | {
+        f"server{m}"
+        for m in ("", ".app", ".schema", ".tools", ".runner", ".metrics", ".guard", ".completions", ".plan")
+    }
     | {f"server{m}" for m in (".settings", ".main", ".__main__")},
 }
 RANK = {m: i for i, layer in enumerate(LAYERS.values()) for m in layer}

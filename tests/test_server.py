@@ -473,6 +473,20 @@ BAD = [
     ("detokenize out of vocabulary", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
     ("tokenize neither", "/tokenize", {}, 400, "prompt"),
     (
+        "speculative without a draft",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "speculative": True},
+        400,
+        "speculative",
+    ),
+    (
+        "prompt_lookup zero",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "prompt_lookup": 0},
+        400,
+        "prompt_lookup",
+    ),
+    (
         "huge body",
         "/v1/chat/completions",
         b'{"messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}',
@@ -788,3 +802,15 @@ def test_keep_alive_comments_while_a_request_waits(local):
     assert lines.index(": keep-alive") < next(
         i for i, line in enumerate(lines) if '"content": "' in line and '"role"' not in line
     )
+
+
+def test_prompt_lookup_per_request_gives_the_greedy_text(server, local, tiny_untied):
+    text = "def add(a, b):\n    return a + b\n\n" * 3
+    expected, _ = greedy(local, chat_ids(local[1], text), 30)
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 30, "temperature": 0, "prompt_lookup": 2}
+    r = server.client(KEY).post("/v1/chat/completions", json=body).json()
+    assert r["choices"][0]["message"]["content"] == expected
+    spec = r["usage"]["speculative"]
+    assert spec["proposed_tokens"] > 0 and spec["target_passes"] < r["usage"]["completion_tokens"]
+    plain = server.client(KEY).post("/v1/chat/completions", json={**body, "prompt_lookup": None}).json()
+    assert "speculative" not in plain["usage"]

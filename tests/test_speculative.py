@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import mlx.core as mx
@@ -11,14 +12,15 @@ import pytest
 
 from mlx_qwen2 import load, stream_generate
 from mlx_qwen2.cache.kv import make_cache
+from mlx_qwen2.chat import main as chat_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.generate import main as generate_main
-from mlx_qwen2.generation import SpeculativeConfig
+from mlx_qwen2.generation import Engine, GenerationConfig, Request, SpeculativeConfig
 from mlx_qwen2.generation.speculative import (
+    Adaptive,
     DraftProposer,
     LookupProposer,
     SpeculativeStats,
-    _Adaptive,
     speculative_generate_step,
 )
 from mlx_qwen2.generation.step import fill
@@ -156,7 +158,7 @@ def test_the_cache_after_a_refused_proposal_equals_plain_decodings(target, other
 
 
 def test_proposals_pause_when_they_keep_failing():
-    adapt = _Adaptive(6)
+    adapt = Adaptive(6)
     assert adapt.next() == 6
     adapt.update(6, 6)
     assert adapt.next() == 6
@@ -239,3 +241,39 @@ def test_real_model_speculation_equals_plain_greedy(real, real_folder):
         out = list(stream_generate(model, tokenizer, ids, max_tokens=24, **kw))
         assert [r.token for r in out] == plain
         assert out[-1].accepted_tokens >= kept * out[-1].draft_tokens
+
+
+def test_the_engine_speculates_for_a_sequence_alone_and_decodes_plainly_in_a_batch(target, other):
+    model, tokenizer = target
+    ids = tokenizer.encode(REPEATING)
+    plain, _ = tokens(model, tokenizer, REPEATING)
+    for spec, draft in (
+        (SpeculativeConfig(prompt_lookup=2), None),
+        (SpeculativeConfig(), other),
+        (SpeculativeConfig(), model),
+    ):
+        engine = Engine(model, tokenizer, draft=draft)
+        engine.add(Request(ids, GenerationConfig(max_tokens=40), "a", speculative=spec, logprobs=2))
+        events = []
+        while engine.busy:
+            events += engine.step()
+            if len(events) == 10:  # a second sequence joins: the batch decodes plainly, then alone again
+                engine.add(Request(tokenizer.encode(PLAIN), GenerationConfig(max_tokens=5), "b"))
+        mine = [e for e in events if e.id == "a"]
+        assert [e.token for e in mine] == plain
+        assert mine[-1].speculative.proposed > 0 and mine[-1].speculative.passes < len(mine)
+        logits = model(mx.array([ids + plain]))[0, len(ids) - 1 : -1].astype(mx.float32)
+        logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        np.testing.assert_allclose([e.logprob for e in mine], logp[np.arange(len(plain)), plain], atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup", "2"], ["--draft-model", "DRAFT"]])
+def test_chat_with_speculation_gives_the_plain_replies(tiny_untied, tiny_tied, capsys, monkeypatch, flags):
+    conversation = "def add(a, b):\n" * 3 + "\nMore please\n"
+    flags = [str(tiny_tied) if f == "DRAFT" else f for f in flags]
+    monkeypatch.setattr("sys.stdin", io.StringIO(conversation))
+    assert chat_main(["--model", str(tiny_untied), "--max-tokens", "12"]) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(conversation))
+    assert chat_main(["--model", str(tiny_untied), "--max-tokens", "12", *flags]) == 0
+    assert capsys.readouterr().out == plain

@@ -63,6 +63,12 @@ class BatchKVCache:
         self.values[..., start : self._size, :] = values
         return self.keys[..., : self._size, :], self.values[..., : self._size, :]
 
+    def trim(self, n: int) -> int:
+        """Forget the last `n` columns of every row (proposals refused in speculative decoding)."""
+        n = min(n, self._size - max(self.left_pad, default=0))
+        self._size -= n
+        return n
+
     def make_mask(self, length: int) -> mx.array:
         """(B, 1, L, T): row b's query i sees keys from its first real position up to its own.
 

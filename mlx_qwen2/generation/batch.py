@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.batch import BatchKVCache
@@ -28,6 +29,15 @@ from ..model import Model
 from ..sample import LogitsProcessor, make_logits_processors, make_sampler
 from ..tokenizer import Tokenizer
 from .settings import GenerationConfig
+from .speculative import (
+    Adaptive,
+    DraftProposer,
+    LookupProposer,
+    SpeculativeConfig,
+    SpeculativeStats,
+    check_proposals,
+    processed_rows,
+)
 from .step import check_room, next_logits, pick, sampling_key
 from .text import TextStream
 
@@ -45,6 +55,7 @@ class Request:
     id: Any = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     logprobs: int | None = None
+    speculative: SpeculativeConfig | None = None  # proposals (lookup, or the engine's draft) when running alone
 
 
 @dataclass
@@ -61,12 +72,13 @@ class Event:
     batch_size: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    speculative: SpeculativeStats | None = None  # the sequence's proposals so far, if it has a proposer
 
 
 class _Sequence:
     """A request being served: what is left of its prompt, its cache until it joins, its output so far."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, context: int):
+    def __init__(self, request: Request, tokenizer: Tokenizer, context: int, draft: Model | None, vocab: int):
         check_room(request.prompt, 0, context)
         config = request.config
         self.request, self.id = request, request.id
@@ -83,6 +95,17 @@ class _Sequence:
         self.generated: list[int] = []
         self.last: mx.array | None = None  # the token to feed next, (1,)
         self.greedy = config.temp == 0 and not self.processors  # then the whole batch's argmax serves
+        self.sampling = {"temp": config.temp, "top_p": config.top_p, "top_k": config.top_k, "min_p": config.min_p}
+        self.proposer, spec = None, request.speculative
+        if spec is not None and spec.prompt_lookup is not None:
+            self.proposer = LookupProposer(spec.prompt_lookup)
+        elif spec is not None:
+            if draft is None:
+                raise UserError("this request asks for a draft model's proposals, and none was loaded")
+            self.proposer = DraftProposer(draft, vocab, self.sampling, self.processors)
+        if self.proposer is not None:
+            self.adapt, self.rng = Adaptive(spec.num_draft_tokens), np.random.default_rng(config.seed)
+            self.stats = SpeculativeStats()
 
     def draw(self, logits: mx.array) -> mx.array:
         """The next token (1,) from this sequence's logits (1, vocab)."""
@@ -117,24 +140,27 @@ class Engine:
         max_batch: int = 8,
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
+        draft: Model | None = None,
     ):
         if max_batch < 1:
             raise UserError(f"max-batch must be at least 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
-        self.prefix_cache = prefix_cache
+        self.prefix_cache, self.draft = prefix_cache, draft
         self.waiting: deque[_Sequence] = deque()
         self.prefilling: _Prefill | None = None
         self.running: list[_Sequence] = []
         self.batch_cache: list[BatchKVCache] | None = None
         self._cancelled: set[Any] = set()
+        self._ahead: list[mx.array] | None = None  # the next decode step's tokens, already under way
         self._ids = itertools.count()
 
     def add(self, request: Request) -> Any:
         """Queue a request; returns its id (the request's, or a new one). UserError for a prompt that cannot fit."""
         if request.id is None:
             request = replace(request, id=next(self._ids))
-        self.waiting.append(_Sequence(request, self.tokenizer, self.model.args.context_length))
+        args = self.model.args
+        self.waiting.append(_Sequence(request, self.tokenizer, args.context_length, self.draft, args.vocab_size))
         return request.id
 
     def cancel(self, request_id: Any) -> None:
@@ -151,12 +177,16 @@ class Engine:
         return sum(c.nbytes for c in [*(self.batch_cache or []), *prefill])
 
     def step(self) -> list[Event]:
-        """One prefill chunk (if sequences wait and the batch has room), then one decode step of the batch."""
+        """One prefill chunk (if sequences wait and the batch has room), then one decode step of the batch.
+
+        A decode step already under way (see `_decode`) is finished first, without a prefill chunk: the
+        batch it was computed for must not change under it.
+        """
         self._drop_cancelled()
         events = []
-        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
+        if self._ahead is None and self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
             self.prefilling = self._group()
-        if self.prefilling is not None:
+        if self._ahead is None and self.prefilling is not None:
             events += self._prefill_chunk(self.prefilling)
         if self.running:
             events += self._decode()
@@ -217,25 +247,74 @@ class Engine:
             seq.cache = None  # its keys and values live in the batch now
         self.running += seqs
 
-    def _draw(self, seqs: list[_Sequence], logits: mx.array) -> list[mx.array]:
-        """Each row's next token, (1,) each: one argmax for the whole batch when every row is greedy."""
+    def _draw(self, seqs: list[_Sequence], logits: mx.array, wait: bool = True) -> list[mx.array]:
+        """Each row's next token, (1,) each: one argmax for the whole batch when every row is greedy.
+        With `wait` False, the tokens are left to compute (lazily)."""
         if all(seq.greedy for seq in seqs):
             tokens = mx.argmax(logits, axis=-1)
+            tokens = [tokens[i : i + 1] for i in range(len(seqs))]
+        else:
+            tokens = [seq.draw(logits[i : i + 1]) for i, seq in enumerate(seqs)]
+        if wait:
             mx.eval(tokens)
-            return [tokens[i : i + 1] for i in range(len(seqs))]
-        tokens = [seq.draw(logits[i : i + 1]) for i, seq in enumerate(seqs)]
-        mx.eval(tokens)
         return tokens
 
+    def _overlap(self) -> bool:
+        """Whether the next decode step may start before this one's tokens are read (as `generate_step` does):
+        nothing will join or be cancelled before it, and no row needs its tokens on the host to go on."""
+        if self.waiting or self.prefilling is not None or self._cancelled:
+            return False
+        return all(not s.processors and s.request.logprobs is None and s.proposer is None for s in self.running)
+
     def _decode(self) -> list[Event]:
-        inputs = mx.concatenate([seq.last for seq in self.running])[:, None]  # (B, 1)
-        logits = next_logits(self.model, inputs, self.batch_cache)  # (B, vocab)
-        tokens = self._draw(self.running, logits)
+        if len(self.running) == 1 and self.running[0].proposer is not None and not self.waiting and not self.prefilling:
+            return self._speculate(self.running[0])
+        if self._ahead is not None:
+            tokens, self._ahead, logits = self._ahead, None, None
+        else:
+            inputs = mx.concatenate([seq.last for seq in self.running])[:, None]  # (B, 1)
+            logits = next_logits(self.model, inputs, self.batch_cache)  # (B, vocab)
+            tokens = self._draw(self.running, logits, wait=False)
+        if self._overlap():  # the next step goes on while this one's tokens are handed out
+            following = next_logits(self.model, mx.concatenate(tokens)[:, None], self.batch_cache)
+            self._ahead = self._draw(self.running, following, wait=False)
+            mx.async_eval(self._ahead)
         values = mx.concatenate(tokens).tolist()
         size = len(self.running)
-        scores = _logprobs(self.running, logits, values)
+        scores = _logprobs(self.running, logits, values) if logits is not None else [(None, None)] * size
         events = [self._emit(*args, size) for args in zip(self.running, values, tokens, scores)]
         self._leave([i for i, e in enumerate(events) if e.finish_reason is not None])
+        return events
+
+    def _speculate(self, seq: _Sequence) -> list[Event]:
+        """One check of proposals for the only running sequence (speculative decoding, see speculative.py)."""
+        history = seq.request.prompt + seq.generated
+        k = seq.adapt.next()
+        drafts, q = seq.proposer.propose(history, k, seq.rng) if k else ([], None)
+        logits = self.model.head(self.model.model(mx.array([history[-1:] + drafts]), self.batch_cache))[0]
+        logits = processed_rows(logits, history, drafts, seq.processors)  # (k + 1, vocab)
+        kept, token = check_proposals(logits, drafts, q, seq.sampling, seq.rng)
+        seq.stats.passes, seq.stats.proposed, seq.stats.accepted = (
+            seq.stats.passes + 1,
+            seq.stats.proposed + len(drafts),
+            seq.stats.accepted + kept,
+        )
+        new = drafts[:kept] + [token]
+        scores = _logprobs([seq] * len(new), logits[: len(new)], new)
+        events = []
+        for value, score in zip(new, scores):
+            events.append(self._emit(seq, value, mx.array([value]), score, 1))
+            if events[-1].finish_reason is not None:
+                break
+        unused = len(drafts) - kept + len(new) - len(events)  # refused, and kept past the end of the sequence
+        for c in self.batch_cache:
+            c.trim(unused)
+        seq.proposer.sync(seq.request.prompt + seq.generated)
+        seq.adapt.update(len(drafts), kept)
+        if seq.processors:
+            seq.history = mx.array(seq.request.prompt + seq.generated)
+        if events[-1].finish_reason is not None:
+            self._leave([0])
         return events
 
     def _emit(self, seq: _Sequence, value: int, token: mx.array, score: _Scores, batch_size: int) -> Event:
@@ -243,7 +322,8 @@ class Engine:
         seq.last = token
         text, finish = seq.text.add(value)
         prompt = len(seq.request.prompt)
-        return Event(seq.id, value, text, finish, prompt, len(seq.generated), seq.cached, batch_size, *score)
+        stats = seq.stats if seq.proposer is not None else None
+        return Event(seq.id, value, text, finish, prompt, len(seq.generated), seq.cached, batch_size, *score, stats)
 
     def _leave(self, rows: list[int], finished: bool = True) -> None:
         """Take these rows out of the batch; finished ones first go to the prefix cache, if there is one."""
@@ -252,10 +332,13 @@ class Engine:
         if finished and self.prefix_cache is not None:
             for i in rows:  # the conversation so far, for a next turn that repeats it
                 seq = self.running[i]
-                held = seq.request.prompt + seq.generated[:-1]  # the last token was never fed
+                # the last token was never fed, unless the step under way fed it
+                held = seq.request.prompt + (seq.generated if self._ahead is not None else seq.generated[:-1])
                 self.prefix_cache.store(held, [c.row(i) for c in self.batch_cache])
         keep = [i for i in range(len(self.running)) if i not in set(rows)]
         self.running = [self.running[i] for i in keep]
+        if self._ahead is not None:
+            self._ahead = [self._ahead[i] for i in keep] or None
         if not keep:
             self.batch_cache = None
             if not self.busy:

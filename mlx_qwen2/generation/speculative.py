@@ -135,7 +135,7 @@ def _fit(logits: mx.array, vocab: int) -> mx.array:
     return mx.concatenate([logits, mx.full((*logits.shape[:-1], vocab - width), -mx.inf, logits.dtype)], axis=-1)
 
 
-class _Adaptive:
+class Adaptive:
     """How many tokens to propose next: grows by 2 after a fully kept proposal, shrinks by 1 otherwise;
     after 3 proposals in a row with nothing kept, proposals pause, for 2, 4, ... up to 32 steps."""
 
@@ -182,7 +182,7 @@ def speculative_generate_step(
     if any(not isinstance(c, KVCache) for c in cache):
         raise UserError("speculative decoding needs the plain KV cache; leave out --max-kv-size and --kv-bits.")
     stats = stats if stats is not None else SpeculativeStats()
-    rng, adapt = np.random.default_rng(seed), _Adaptive(most)
+    rng, adapt = np.random.default_rng(seed), Adaptive(most)
     history = list(context) + list(prompt)
     if len(prompt) > 1:
         fill(model, list(prompt[:-1]), cache, prefill_step_size)  # the last prompt token goes with the first check
@@ -190,8 +190,8 @@ def speculative_generate_step(
         k = adapt.next()
         drafts, q = proposer.propose(history, k, rng) if k else ([], None)
         logits = model.head(model.model(mx.array([history[-1:] + drafts]), cache))[0]  # (k + 1, vocab)
-        logits = _processed(logits, history, drafts, processors)
-        kept, token = _check(logits, drafts, q, sampling, rng)
+        logits = processed_rows(logits, history, drafts, processors)
+        kept, token = check_proposals(logits, drafts, q, sampling, rng)
         stats.passes, stats.proposed, stats.accepted = (
             stats.passes + 1,
             stats.proposed + len(drafts),
@@ -206,7 +206,7 @@ def speculative_generate_step(
         yield from new
 
 
-def _processed(
+def processed_rows(
     logits: mx.array, history: list[int], drafts: list[int], processors: Sequence[LogitsProcessor]
 ) -> mx.array:
     """Row i sees the history plus the first i proposals, as plain decoding would have."""
@@ -221,7 +221,7 @@ def _processed(
     return mx.concatenate(rows)
 
 
-def _check(
+def check_proposals(
     logits: mx.array, drafts: list[int], q: np.ndarray | None, sampling: dict[str, Any], rng: np.random.Generator
 ) -> tuple[int, int]:
     """(how many proposals are kept, the target's token after them)."""

@@ -24,13 +24,16 @@ from starlette.responses import JSONResponse, Response
 from ..cache.prefix import PrefixCache
 from ..generation.batch import Engine
 from ..generation.grammar import Grammars
+from ..generation.speculative import SpeculativeConfig
 from ..model import Model
 from ..tokenizer import Tokenizer
 from . import schema
-from .completions import ApiError, Served, chat, complete
+from .completions import chat, complete
 from .guard import Guard
 from .metrics import CONTENT_TYPE, Metrics
+from .plan import Served
 from .runner import EngineRunner
+from .schema import ApiError
 from .settings import ServerSettings
 from .tools import template_messages
 
@@ -38,18 +41,27 @@ log = logging.getLogger("mlx_qwen2.server")
 T = TypeVar("T", bound=BaseModel)
 
 
-def create_app(model: Model, tokenizer: Tokenizer, settings: ServerSettings, model_id: str) -> FastAPI:
-    """The ASGI app; its lifespan starts and stops the engine thread."""
+def create_app(
+    model: Model,
+    tokenizer: Tokenizer,
+    settings: ServerSettings,
+    model_id: str,
+    draft: Model | None = None,
+    speculative: SpeculativeConfig | None = None,
+) -> FastAPI:
+    """The ASGI app; its lifespan starts and stops the engine thread. `draft` and `speculative` are the
+    speculative decoding every request gets by default (while it runs alone)."""
     prefix = None
     if settings.prefix_cache_entries:
         prefix = PrefixCache(settings.prefix_cache_entries, int(settings.prefix_cache_gb * 1e9))
 
     def make_engine() -> Engine:
-        return Engine(model, tokenizer, settings.max_concurrency, prefix_cache=prefix)
+        return Engine(model, tokenizer, settings.max_concurrency, prefix_cache=prefix, draft=draft)
 
     runner = EngineRunner(make_engine, settings.max_concurrency + settings.max_queue)
     metrics = Metrics(runner)
-    served = Served(model, tokenizer, runner, Grammars(tokenizer, model.args.vocab_size), settings, metrics, model_id)
+    grammars = Grammars(tokenizer, model.args.vocab_size)
+    served = Served(model, tokenizer, runner, grammars, settings, metrics, model_id, speculative, draft is not None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

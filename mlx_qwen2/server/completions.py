@@ -1,136 +1,25 @@
-"""From an OpenAI request to engine sequences and back: prompt and settings in, choices out, whole or as
-server-sent events. The routes (app.py) call `chat` and `complete`; the engine sees only `Request`s.
+"""Running a request's sequences and answering: events from the engine become choices, whole or as
+server-sent events. The routes (app.py) call `chat` and `complete`; plan.py builds the engine requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
-import jinja2
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import UserError
 from ..generation.batch import Event, Request
-from ..generation.grammar import Grammars
-from ..generation.settings import GenerationConfig
-from ..generation.step import check_room
-from ..model import Model
-from ..sample import LogitsProcessor, logit_bias_processor, penalty_processor
 from ..tokenizer import Tokenizer
 from . import schema
-from .metrics import Metrics
-from .runner import EngineRunner, QueueFull
-from .settings import ServerSettings
-from .tools import CLOSE, OPEN, ToolCallParser, forced_call_grammar, template_messages
-
-
-class ApiError(Exception):
-    """An error the client gets in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return schema.error_body(self.message, self.type, self.param, self.code)
-
-
-@dataclass
-class Served:
-    """What the routes share."""
-
-    model: Model
-    tokenizer: Tokenizer
-    runner: EngineRunner
-    grammars: Grammars
-    settings: ServerSettings
-    metrics: Metrics
-    model_id: str
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_id:
-            raise ApiError(
-                404,
-                f"model {name!r} is not served here; this server serves {self.model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
-
-
-_ids = itertools.count()
-
-
-def _plan(
-    served: Served, ids: list[int], body: schema._Sampling, grammar: str | None, logprobs: int | None, param: str
-) -> list[Request]:
-    """One engine request per choice, with the body's settings; ApiError for what cannot be served."""
-    context = served.model.args.context_length
-    try:
-        check_room(ids, 0, context)
-    except UserError as e:
-        raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
-    if body.n > served.settings.max_n:
-        raise ApiError(400, f"n is {body.n}; this server allows at most {served.settings.max_n}", param="n")
-    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
-    bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
-    requests = []
-    for i in range(body.n):
-        config = GenerationConfig(
-            max_tokens=min(wanted, context - len(ids)),
-            temp=body.temperature,
-            top_p=body.top_p,
-            top_k=max(body.top_k, 0),
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty,
-            seed=None if body.seed is None else body.seed + i,
-            stop=body.stops(),
-        )
-        processors: list[LogitsProcessor] = []
-        if bias:
-            processors.append(logit_bias_processor(bias))
-        if body.presence_penalty or body.frequency_penalty:
-            processors.append(penalty_processor(body.presence_penalty, body.frequency_penalty, len(ids)))
-        if grammar is not None:
-            processors.append(served.grammars.processor(grammar, len(ids)))
-        requests.append(Request(list(ids), config, ("r", next(_ids)), processors, logprobs))
-    return requests
-
-
-def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
-    out = {}
-    for key, value in (bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise ApiError(400, f"logit_bias key {key!r} is not a token id in 0..{vocab - 1}", param="logit_bias")
-        out[int(key)] = value
-    return out
-
-
-def _response_grammar(served: Served, body: schema._Sampling) -> str | None:
-    fmt = body.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_schema" and fmt.json_schema is None:
-        raise ApiError(400, "response_format of type json_schema needs a json_schema object", param="response_format")
-    try:
-        grammar = served.grammars.json_schema(fmt.json_schema.json_schema if fmt.json_schema else None)
-        served.grammars.check(grammar)
-    except UserError as e:
-        raise ApiError(400, str(e), param="response_format", code="invalid_schema") from e
-    return grammar
+from .plan import Served, chat_prompt, completion_prompt, plan, response_grammar
+from .runner import QueueFull
+from .schema import ApiError
+from .tools import ToolCallParser
 
 
 class Generation:
@@ -190,10 +79,18 @@ class Choice:
         self.text, self.calls, self.logprobs = "", [], []
         self.finish: str | None = None
         self.prompt = self.generated = self.cached = 0
+        self.speculative: dict[str, int] | None = None
 
     def add(self, event: Event) -> dict[str, Any]:
         """The chat delta for this event ({} when it adds nothing)."""
         self.prompt, self.generated, self.cached = event.prompt_tokens, event.generation_tokens, event.cached_tokens
+        if event.speculative is not None:
+            stats = event.speculative
+            self.speculative = {
+                "proposed_tokens": stats.proposed,
+                "accepted_tokens": stats.accepted,
+                "target_passes": stats.passes,
+            }
         if event.logprob is not None and event.token not in self.tokenizer.eos_token_ids:
             self.logprobs.append(_token_logprob(self.tokenizer, event.token, event.logprob, event.top_logprobs))
         delta: dict[str, Any] = {}
@@ -226,10 +123,16 @@ def _token_logprob(
 
 
 def _totals(choices: list[Choice]) -> dict[str, Any]:
-    return schema.usage(choices[0].prompt, sum(c.generated for c in choices), choices[0].cached)
+    speculative = None
+    if any(c.speculative for c in choices):
+        speculative = {
+            k: sum((c.speculative or {}).get(k, 0) for c in choices)
+            for k in ("proposed_tokens", "accepted_tokens", "target_passes")
+        }
+    return schema.usage(choices[0].prompt, sum(c.generated for c in choices), choices[0].cached, speculative)
 
 
-def _record(served: Served, http: HttpRequest, id_: str, choices: list[Choice]) -> None:
+def _record(served: Served, http: HttpRequest, choices: list[Choice]) -> None:
     prompt, generated, cached = choices[0].prompt, sum(c.generated for c in choices), choices[0].cached
     served.metrics.prompt_tokens.inc(prompt)
     served.metrics.generation_tokens.inc(generated)
@@ -296,9 +199,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat(served: Served, body: schema.ChatRequest, http: HttpRequest) -> Response:
     arrived = time.monotonic()
     served.check_model(body.model)
-    ids, grammar, tools = _chat_prompt(served, body)
+    ids, grammar, tools = chat_prompt(served, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    gen = Generation(served, _plan(served, ids, body, grammar, logprobs, "messages"), arrived)
+    gen = Generation(served, plan(served, ids, body, grammar, logprobs, "messages"), arrived)
     id_ = schema.new_id("chatcmpl")
     http.scope["state"]["log"]["id"] = id_
     choices = [Choice(i, served.tokenizer, tools) for i in range(body.n)]
@@ -309,7 +212,7 @@ async def chat(served: Served, body: schema.ChatRequest, http: HttpRequest) -> R
 
     if not body.stream:
         await _collect(gen, http, lambda e: choice_of(e).add(e))
-        _record(served, http, id_, choices)
+        _record(served, http, choices)
         out = [_chat_choice(c, body.logprobs) for c in choices]
         return JSONResponse(schema.envelope(id_, "chat.completion", model, out, usage=_totals(choices)))
 
@@ -331,44 +234,13 @@ async def chat(served: Served, body: schema.ChatRequest, http: HttpRequest) -> R
         return out
 
     def closing() -> list[dict[str, Any]]:
-        _record(served, http, id_, choices)
+        _record(served, http, choices)
         return [schema.envelope(id_, "chat.completion.chunk", model, [], usage=_totals(choices))] if usage_too else []
 
     opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
     return StreamingResponse(
         _stream(gen, chunks, opening, closing), media_type="text/event-stream", headers=SSE_HEADERS
     )
-
-
-def _chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], str | None, bool]:
-    """(prompt ids, grammar or None, whether to parse tool calls) for a chat request."""
-    try:
-        messages = template_messages(body.messages)
-    except ValueError as e:
-        raise ApiError(400, str(e), param="messages") from e
-    choice = body.tool_choice or ("auto" if body.tools else "none")
-    tools = body.tools if body.tools and choice != "none" else None
-    if choice != "none" and not body.tools:
-        raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
-    grammar = _response_grammar(served, body)
-    if tools and choice != "auto":
-        if grammar is not None:
-            raise ApiError(
-                400, "response_format and a required tool call cannot both constrain the output", param="tool_choice"
-            )
-        name = None if choice == "required" else choice.function.name
-        try:
-            tags = all(served.tokenizer.token_to_id(t) is not None for t in (OPEN, CLOSE))
-            grammar = served.grammars.lark(forced_call_grammar(tools, name, tags))
-            served.grammars.check(grammar)
-        except (ValueError, UserError) as e:
-            raise ApiError(400, str(e), param="tools") from e
-    kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
-    try:
-        ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-    except (jinja2.TemplateError, TypeError, ValueError) as e:  # a conversation the template refuses
-        raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
-    return ids, grammar, tools is not None
 
 
 def _chat_choice(c: Choice, logprobs: bool) -> dict[str, Any]:
@@ -390,10 +262,8 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-    ids = _completion_prompt(served, body.prompt)
-    gen = Generation(
-        served, _plan(served, ids, body, _response_grammar(served, body), body.logprobs, "prompt"), arrived
-    )
+    ids = completion_prompt(served, body.prompt)
+    gen = Generation(served, plan(served, ids, body, response_grammar(served, body), body.logprobs, "prompt"), arrived)
     id_ = schema.new_id("cmpl")
     http.scope["state"]["log"]["id"] = id_
     choices = [Choice(i, served.tokenizer, False) for i in range(body.n)]
@@ -410,7 +280,7 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
 
     if not body.stream:
         await _collect(gen, http, lambda e: choices[gen.index[e.id]].add(e))
-        _record(served, http, id_, choices)
+        _record(served, http, choices)
         out = [piece(c, echo + c.text, 0, c.finish) for c in choices]
         return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=_totals(choices)))
 
@@ -426,7 +296,7 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         return [schema.envelope(id_, "text_completion", model, [piece(c, text, seen, c.finish)], **extra)]
 
     def closing() -> list[dict[str, Any]]:
-        _record(served, http, id_, choices)
+        _record(served, http, choices)
         return [schema.envelope(id_, "text_completion", model, [], usage=_totals(choices))] if usage_too else []
 
     opening = (
@@ -437,17 +307,6 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
     return StreamingResponse(
         _stream(gen, chunks, opening, closing), media_type="text/event-stream", headers=SSE_HEADERS
     )
-
-
-def _completion_prompt(served: Served, prompt: str | list[Any]) -> list[int]:
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    vocab = served.model.args.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-    return ids
 
 
 def _legacy_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import uvicorn
 
 from ..cli import add_dataclass_args, blas_hint, from_args, report_errors
 from ..errors import UserError
-from ..loader import DTYPES, load, resolve_path
+from ..generation.speculative import SpeculativeConfig
+from ..loader import DTYPES, load, load_draft, resolve_path
 from .app import create_app
 from .settings import ServerSettings
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="server log level"
     )
     add_dataclass_args(p, ServerSettings)
+    add_dataclass_args(p, SpeculativeConfig)
     return p
 
 
@@ -57,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             "listening on %s without --api-key: anyone who reaches the port can use it", settings.host
         )
     blas_hint()
+    speculative = from_args(SpeculativeConfig, args)
     model, tokenizer = load(resolve_path(args.model), dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast)
-    app = create_app(model, tokenizer, settings, settings.served_model_name or args.model)
+    draft = load_draft(speculative.draft_model, tokenizer, args.dtype, args.fast)
+    name = settings.served_model_name or args.model
+    app = create_app(model, tokenizer, settings, name, draft, speculative if speculative.enabled else None)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -105,6 +105,10 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    # Extensions: speculative decoding for this request (used while it is the only one running)
+    speculative: bool | None = None  # false: no proposals, whatever the server's default
+    prompt_lookup: Annotated[int, Field(ge=1, le=16)] | None = None
+    num_draft_tokens: Annotated[int, Field(ge=1, le=64)] | None = None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -144,6 +148,24 @@ class DetokenizeRequest(_Body):
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
+class ApiError(Exception):
+    """An error the client gets in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -152,13 +174,16 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {
+def usage(prompt: int, completion: int, cached: int, speculative: dict[str, int] | None = None) -> dict[str, Any]:
+    out = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if speculative:  # an extension: proposed and accepted tokens, model passes
+        out["speculative"] = speculative
+    return out
 
 
 def envelope(id_: str, object_: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,172 @@
+"""From an OpenAI request body to engine requests: the prompt's token ids, sampling settings, logits
+processors (logit bias, penalties, grammar masks), speculation, and the checks that make them 400s.
+Also what the routes share (`Served`). Knows nothing of streaming or of responses.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+
+from ..errors import UserError
+from ..generation.batch import Request
+from ..generation.grammar import Grammars
+from ..generation.settings import GenerationConfig
+from ..generation.speculative import SpeculativeConfig
+from ..generation.step import check_room
+from ..model import Model
+from ..sample import LogitsProcessor, logit_bias_processor, penalty_processor
+from ..tokenizer import Tokenizer
+from . import schema
+from .metrics import Metrics
+from .runner import EngineRunner
+from .schema import ApiError
+from .settings import ServerSettings
+from .tools import CLOSE, OPEN, forced_call_grammar, template_messages
+
+
+@dataclass
+class Served:
+    """What the routes share."""
+
+    model: Model
+    tokenizer: Tokenizer
+    runner: EngineRunner
+    grammars: Grammars
+    settings: ServerSettings
+    metrics: Metrics
+    model_id: str
+    speculative: SpeculativeConfig | None = None  # the server's default (--prompt-lookup, --draft-model)
+    has_draft: bool = False
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_id:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; this server serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+
+_ids = itertools.count()
+
+
+def plan(
+    served: Served, ids: list[int], body: schema._Sampling, grammar: str | None, logprobs: int | None, param: str
+) -> list[Request]:
+    """One engine request per choice, with the body's settings; ApiError for what cannot be served."""
+    context = served.model.args.context_length
+    try:
+        check_room(ids, 0, context)
+    except UserError as e:
+        raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
+    if body.n > served.settings.max_n:
+        raise ApiError(400, f"n is {body.n}; this server allows at most {served.settings.max_n}", param="n")
+    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
+    bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
+    speculative = _speculative(served, body)
+    requests = []
+    for i in range(body.n):
+        config = GenerationConfig(
+            max_tokens=min(wanted, context - len(ids)),
+            temp=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=None if body.seed is None else body.seed + i,
+            stop=body.stops(),
+        )
+        processors: list[LogitsProcessor] = []
+        if bias:
+            processors.append(logit_bias_processor(bias))
+        if body.presence_penalty or body.frequency_penalty:
+            processors.append(penalty_processor(body.presence_penalty, body.frequency_penalty, len(ids)))
+        if grammar is not None:
+            processors.append(served.grammars.processor(grammar, len(ids)))
+        requests.append(Request(list(ids), config, ("r", next(_ids)), processors, logprobs, speculative))
+    return requests
+
+
+def _speculative(served: Served, body: schema._Sampling) -> SpeculativeConfig | None:
+    """This request's proposals: its own prompt lookup, the server's default, or none."""
+    if body.speculative is False:
+        return None
+    default = served.speculative
+    most = body.num_draft_tokens or (default.num_draft_tokens if default else SpeculativeConfig().num_draft_tokens)
+    if body.prompt_lookup is not None:
+        return SpeculativeConfig(num_draft_tokens=most, prompt_lookup=body.prompt_lookup)
+    if default is not None and (default.prompt_lookup is not None or served.has_draft):
+        return SpeculativeConfig(num_draft_tokens=most, prompt_lookup=default.prompt_lookup)
+    if body.speculative:
+        raise ApiError(400, "no draft model is loaded: give prompt_lookup (an n-gram size)", param="speculative")
+    return None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id in 0..{vocab - 1}", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def response_grammar(served: Served, body: schema._Sampling) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise ApiError(400, "response_format of type json_schema needs a json_schema object", param="response_format")
+    try:
+        grammar = served.grammars.json_schema(fmt.json_schema.json_schema if fmt.json_schema else None)
+        served.grammars.check(grammar)
+    except UserError as e:
+        raise ApiError(400, str(e), param="response_format", code="invalid_schema") from e
+    return grammar
+
+
+def chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], str | None, bool]:
+    """(prompt ids, grammar or None, whether to parse tool calls) for a chat request."""
+    try:
+        messages = template_messages(body.messages)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from e
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    tools = body.tools if body.tools and choice != "none" else None
+    if choice != "none" and not body.tools:
+        raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+    grammar = response_grammar(served, body)
+    if tools and choice != "auto":
+        if grammar is not None:
+            raise ApiError(
+                400, "response_format and a required tool call cannot both constrain the output", param="tool_choice"
+            )
+        name = None if choice == "required" else choice.function.name
+        try:
+            tags = all(served.tokenizer.token_to_id(t) is not None for t in (OPEN, CLOSE))
+            grammar = served.grammars.lark(forced_call_grammar(tools, name, tags))
+            served.grammars.check(grammar)
+        except (ValueError, UserError) as e:
+            raise ApiError(400, str(e), param="tools") from e
+    kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+    try:
+        ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # a conversation the template refuses
+        raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    return ids, grammar, tools is not None
+
+
+def completion_prompt(served: Served, prompt: str | list[Any]) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    vocab = served.model.args.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return ids
