@@ -152,7 +152,6 @@ class Engine:
         self.running: list[_Sequence] = []
         self.batch_cache: list[BatchKVCache] | None = None
         self._cancelled: set[Any] = set()
-        self._ahead: list[mx.array] | None = None  # the next decode step's tokens, already under way
         self._ids = itertools.count()
 
     def add(self, request: Request) -> Any:
@@ -179,15 +178,17 @@ class Engine:
     def step(self) -> list[Event]:
         """One prefill chunk (if sequences wait and the batch has room), then one decode step of the batch.
 
-        A decode step already under way (see `_decode`) is finished first, without a prefill chunk: the
-        batch it was computed for must not change under it.
+        When the chunk ends a prompt, its first tokens are returned at once and the decode step waits
+        for the next call (the same work, the first token sooner).
         """
         self._drop_cancelled()
         events = []
-        if self._ahead is None and self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
+        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
             self.prefilling = self._group()
-        if self._ahead is None and self.prefilling is not None:
+        if self.prefilling is not None:
             events += self._prefill_chunk(self.prefilling)
+            if events:  # first tokens: hand them out now, the batch's decode step comes next
+                return events
         if self.running:
             events += self._decode()
         return events
@@ -247,41 +248,25 @@ class Engine:
             seq.cache = None  # its keys and values live in the batch now
         self.running += seqs
 
-    def _draw(self, seqs: list[_Sequence], logits: mx.array, wait: bool = True) -> list[mx.array]:
-        """Each row's next token, (1,) each: one argmax for the whole batch when every row is greedy.
-        With `wait` False, the tokens are left to compute (lazily)."""
+    def _draw(self, seqs: list[_Sequence], logits: mx.array) -> list[mx.array]:
+        """Each row's next token, (1,) each: one argmax for the whole batch when every row is greedy."""
         if all(seq.greedy for seq in seqs):
             tokens = mx.argmax(logits, axis=-1)
             tokens = [tokens[i : i + 1] for i in range(len(seqs))]
         else:
             tokens = [seq.draw(logits[i : i + 1]) for i, seq in enumerate(seqs)]
-        if wait:
-            mx.eval(tokens)
+        mx.eval(tokens)
         return tokens
-
-    def _overlap(self) -> bool:
-        """Whether the next decode step may start before this one's tokens are read (as `generate_step` does):
-        nothing will join or be cancelled before it, and no row needs its tokens on the host to go on."""
-        if self.waiting or self.prefilling is not None or self._cancelled:
-            return False
-        return all(not s.processors and s.request.logprobs is None and s.proposer is None for s in self.running)
 
     def _decode(self) -> list[Event]:
         if len(self.running) == 1 and self.running[0].proposer is not None and not self.waiting and not self.prefilling:
             return self._speculate(self.running[0])
-        if self._ahead is not None:
-            tokens, self._ahead, logits = self._ahead, None, None
-        else:
-            inputs = mx.concatenate([seq.last for seq in self.running])[:, None]  # (B, 1)
-            logits = next_logits(self.model, inputs, self.batch_cache)  # (B, vocab)
-            tokens = self._draw(self.running, logits, wait=False)
-        if self._overlap():  # the next step goes on while this one's tokens are handed out
-            following = next_logits(self.model, mx.concatenate(tokens)[:, None], self.batch_cache)
-            self._ahead = self._draw(self.running, following, wait=False)
-            mx.async_eval(self._ahead)
+        inputs = mx.concatenate([seq.last for seq in self.running])[:, None]  # (B, 1)
+        logits = next_logits(self.model, inputs, self.batch_cache)  # (B, vocab)
+        tokens = self._draw(self.running, logits)
         values = mx.concatenate(tokens).tolist()
         size = len(self.running)
-        scores = _logprobs(self.running, logits, values) if logits is not None else [(None, None)] * size
+        scores = _logprobs(self.running, logits, values)
         events = [self._emit(*args, size) for args in zip(self.running, values, tokens, scores)]
         self._leave([i for i, e in enumerate(events) if e.finish_reason is not None])
         return events
@@ -333,12 +318,10 @@ class Engine:
             for i in rows:  # the conversation so far, for a next turn that repeats it
                 seq = self.running[i]
                 # the last token was never fed, unless the step under way fed it
-                held = seq.request.prompt + (seq.generated if self._ahead is not None else seq.generated[:-1])
+                held = seq.request.prompt + seq.generated[:-1]  # the last token was never fed
                 self.prefix_cache.store(held, [c.row(i) for c in self.batch_cache])
         keep = [i for i in range(len(self.running)) if i not in set(rows)]
         self.running = [self.running[i] for i in keep]
-        if self._ahead is not None:
-            self._ahead = [self._ahead[i] for i in keep] or None
         if not keep:
             self.batch_cache = None
             if not self.busy:
