@@ -75,6 +75,11 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
+def ask(client: openai.OpenAI, model, text: str, **settings):
+    """A chat request of one user message, through the openai client."""
+    return client.chat.completions.create(model=str(model), messages=[{"role": "user", "content": text}], **settings)
+
+
 def greedy(local, ids: list[int], n: int, **settings) -> tuple[str, str]:
     model, tokenizer = local
     out = list(stream_generate(model, tokenizer, ids, max_tokens=n, **settings))
@@ -93,14 +98,13 @@ def test_health_is_open_and_the_rest_needs_the_key(server, tiny_untied):
 def test_chat_greedy_equals_generate(server, client, local, tiny_untied):
     for text in PROMPTS:
         expected, finish = greedy(local, chat_ids(local[1], text), 24)
-        r = client.chat.completions.create(
-            model=str(tiny_untied), messages=[{"role": "user", "content": text}], max_tokens=24, temperature=0
-        )
+        r = ask(client, tiny_untied, text, max_tokens=24, temperature=0)
         assert r.choices[0].message.content == expected
         assert r.choices[0].finish_reason == finish
-        streamed = client.chat.completions.create(
-            model=str(tiny_untied),
-            messages=[{"role": "user", "content": text}],
+        streamed = ask(
+            client,
+            tiny_untied,
+            text,
             max_tokens=24,
             temperature=0,
             stream=True,
@@ -147,9 +151,10 @@ def test_completions_stop_and_echo(client, local, tiny_untied):
 
 def test_seed_reproduces_a_sampled_reply(client, tiny_untied):
     def sample(seed: int) -> str:
-        r = client.chat.completions.create(
-            model=str(tiny_untied),
-            messages=[{"role": "user", "content": "hi"}],
+        r = ask(
+            client,
+            tiny_untied,
+            "hi",
             max_tokens=20,
             temperature=1.0,
             seed=seed,
@@ -162,9 +167,10 @@ def test_seed_reproduces_a_sampled_reply(client, tiny_untied):
 
 def test_n_choices_and_usage_counts(client, local, tiny_untied):
     ids = chat_ids(local[1], "hello")
-    r = client.chat.completions.create(
-        model=str(tiny_untied),
-        messages=[{"role": "user", "content": "hello"}],
+    r = ask(
+        client,
+        tiny_untied,
+        "hello",
         max_tokens=7,
         temperature=0.8,
         n=3,
@@ -182,9 +188,10 @@ def test_n_choices_and_usage_counts(client, local, tiny_untied):
 def test_stream_usage_chunk(client, local, tiny_untied):
     ids = chat_ids(local[1], "count")
     chunks = list(
-        client.chat.completions.create(
-            model=str(tiny_untied),
-            messages=[{"role": "user", "content": "count"}],
+        ask(
+            client,
+            tiny_untied,
+            "count",
             max_tokens=5,
             temperature=0,
             stream=True,
@@ -203,9 +210,10 @@ def test_logprobs_equal_the_models_log_softmax(client, local, tiny_untied):
     generated = [r.token for r in out]
     logits = model(mx.array([ids + generated]))[0, len(ids) - 1 : -1].astype(mx.float32)
     logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    r = client.chat.completions.create(
-        model=str(tiny_untied),
-        messages=[{"role": "user", "content": "logprobs please"}],
+    r = ask(
+        client,
+        tiny_untied,
+        "logprobs please",
         max_tokens=6,
         temperature=0,
         logprobs=True,
@@ -231,9 +239,10 @@ def test_cached_tokens_count_a_repeated_prefix(client, local, tiny_untied):
 
 def test_json_schema_output_validates(client, tiny_untied):
     for stream in (False, True):
-        r = client.chat.completions.create(
-            model=str(tiny_untied),
-            messages=[{"role": "user", "content": "a person"}],
+        r = ask(
+            client,
+            tiny_untied,
+            "a person",
             max_tokens=40,
             temperature=1.0,
             seed=3,
@@ -515,9 +524,7 @@ def test_a_wrong_key_is_refused_before_the_body_is_read(server):
 
 def test_metrics_count_requests_and_tokens(server, client, tiny_untied):
     before = server.metric("mlx_qwen2_generation_tokens_total", KEY)
-    client.chat.completions.create(
-        model=str(tiny_untied), messages=[{"role": "user", "content": "m"}], max_tokens=4, temperature=0
-    )
+    ask(client, tiny_untied, "m", max_tokens=4, temperature=0)
     assert server.metric("mlx_qwen2_generation_tokens_total", KEY) - before == 4
     text = server.client(KEY).get("/metrics").text
     for name in (
@@ -746,26 +753,26 @@ def test_presence_and_frequency_penalties_match_a_hand_computed_greedy(client, l
         tokens.append(int(np.argmax(logits)))
         if tokens[-1] in tokenizer.eos_token_ids:
             break
-    r = client.chat.completions.create(
-        model=str(tiny_untied),
-        messages=[{"role": "user", "content": "repeat after me"}],
+    r = ask(
+        client,
+        tiny_untied,
+        "repeat after me",
         max_tokens=12,
         temperature=0,
         presence_penalty=0.5,
         frequency_penalty=0.7,
     )
     assert r.choices[0].message.content == tokenizer.decode(tokens)
-    plain = client.chat.completions.create(
-        model=str(tiny_untied), messages=[{"role": "user", "content": "repeat after me"}], max_tokens=12, temperature=0
-    )
+    plain = ask(client, tiny_untied, "repeat after me", max_tokens=12, temperature=0)
     assert plain.choices[0].message.content != r.choices[0].message.content
 
 
 def test_max_tokens_is_capped_by_the_context(client, local, tiny_untied):
     ids = chat_ids(local[1], "long")
-    r = client.chat.completions.create(
-        model=str(tiny_untied),
-        messages=[{"role": "user", "content": "long"}],
+    r = ask(
+        client,
+        tiny_untied,
+        "long",
         max_tokens=100_000,
         temperature=0,
         logit_bias={str(local[1].encode("ps")[0]): 100},
