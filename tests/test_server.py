@@ -489,6 +489,17 @@ BAD = [
         "speculative",
     ),
     (
+        "prompt_lookup with a schema",
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "prompt_lookup": 2,
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "prompt_lookup",
+    ),
+    (
         "prompt_lookup zero",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "prompt_lookup": 0},

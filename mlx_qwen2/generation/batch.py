@@ -55,7 +55,9 @@ class Request:
     id: Any = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     logprobs: int | None = None
-    speculative: SpeculativeConfig | None = None  # proposals (lookup, or the engine's draft) when running alone
+    # Proposals (lookup, or the engine's draft) while it runs alone; its processors must then be functions
+    # of the history they are given (a grammar mask that advances with each call is not).
+    speculative: SpeculativeConfig | None = None
 
 
 @dataclass

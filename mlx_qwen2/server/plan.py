@@ -68,7 +68,7 @@ def plan(
         raise ApiError(400, f"n is {body.n}; this server allows at most {served.settings.max_n}", param="n")
     wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
     bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
-    speculative = _speculative(served, body)
+    speculative = _speculative(served, body, constrained=grammar is not None)
     requests = []
     for i in range(body.n):
         config = GenerationConfig(
@@ -92,8 +92,17 @@ def plan(
     return requests
 
 
-def _speculative(served: Served, body: schema._Sampling) -> SpeculativeConfig | None:
-    """This request's proposals: its own prompt lookup, the server's default, or none."""
+def _speculative(served: Served, body: schema._Sampling, constrained: bool) -> SpeculativeConfig | None:
+    """This request's proposals: its own prompt lookup, the server's default, or none. A grammar's mask
+    follows the tokens drawn, not proposals that may be refused: constrained output is decoded plainly."""
+    if constrained:
+        if body.speculative or body.prompt_lookup is not None:
+            raise ApiError(
+                400,
+                "speculative decoding cannot be combined with response_format or a required tool call",
+                param="prompt_lookup" if body.prompt_lookup is not None else "speculative",
+            )
+        return None
     if body.speculative is False:
         return None
     default = served.speculative
