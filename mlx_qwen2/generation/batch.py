@@ -3,8 +3,9 @@
 The engine keeps a queue of requests, a group in prefill (the waiting prompts that fit in the
 batch, left-padded into one pass and fed a chunk per step; a prompt with a prefix-cache hit goes
 alone, from its cached prefix) and the running batch, which advances one token per step for every
-sequence in it. Each step runs one prefill chunk, then one decode step of the batch, so a long
-prompt delays the others by a chunk at a time, not by its whole length. Sequences whose prompt is
+sequence in it. Each step runs one prefill chunk, then one decode step of the batch (a chunk that
+ends a prompt hands its first tokens out first, and the decode step comes with the next call), so a
+long prompt delays the others by a chunk at a time, not by its whole length. Sequences whose prompt is
 done join the batch (their cache rows merged in, left-padded); a finished or cancelled one leaves
 it, and its cache rows go at the next step. Each sequence has its own sampler, processors, stop strings, token budget and
 random key. Knows nothing of HTTP or files.
@@ -35,8 +36,7 @@ from .speculative import (
     LookupProposer,
     SpeculativeConfig,
     SpeculativeStats,
-    check_proposals,
-    processed_rows,
+    check_step,
 )
 from .step import check_room, next_logits, pick, sampling_key
 from .text import TextStream
@@ -97,7 +97,7 @@ class _Sequence:
         self.generated: list[int] = []
         self.last: mx.array | None = None  # the token to feed next, (1,)
         self.greedy = config.temp == 0 and not self.processors  # then the whole batch's argmax serves
-        self.sampling = {"temp": config.temp, "top_p": config.top_p, "top_k": config.top_k, "min_p": config.min_p}
+        self.sampling = config.sampling
         self.proposer, spec = None, request.speculative
         if spec is not None and spec.prompt_lookup is not None:
             self.proposer = LookupProposer(spec.prompt_lookup)
@@ -276,28 +276,26 @@ class Engine:
     def _speculate(self, seq: _Sequence) -> list[Event]:
         """One check of proposals for the only running sequence (speculative decoding, see speculative.py)."""
         history = seq.request.prompt + seq.generated
-        k = seq.adapt.next()
-        drafts, q = seq.proposer.propose(history, k, seq.rng) if k else ([], None)
-        logits = self.model.head(self.model.model(mx.array([history[-1:] + drafts]), self.batch_cache))[0]
-        logits = processed_rows(logits, history, drafts, seq.processors)  # (k + 1, vocab)
-        kept, token = check_proposals(logits, drafts, q, seq.sampling, seq.rng)
-        seq.stats.passes, seq.stats.proposed, seq.stats.accepted = (
-            seq.stats.passes + 1,
-            seq.stats.proposed + len(drafts),
-            seq.stats.accepted + kept,
+        new, logits, refused = check_step(
+            self.model,
+            self.batch_cache,
+            seq.proposer,
+            seq.adapt,
+            history,
+            seq.sampling,
+            seq.processors,
+            seq.rng,
+            seq.stats,
         )
-        new = drafts[:kept] + [token]
-        scores = _logprobs([seq] * len(new), logits[: len(new)], new)
+        scores = _logprobs([seq] * len(new), logits, new)
         events = []
         for value, score in zip(new, scores):
             events.append(self._emit(seq, value, mx.array([value]), score, 1))
             if events[-1].finish_reason is not None:
                 break
-        unused = len(drafts) - kept + len(new) - len(events)  # refused, and kept past the end of the sequence
-        for c in self.batch_cache:
-            c.trim(unused)
+        for c in self.batch_cache:  # refused, and kept past the end of the sequence
+            c.trim(refused + len(new) - len(events))
         seq.proposer.sync(seq.request.prompt + seq.generated)
-        seq.adapt.update(len(drafts), kept)
         if seq.processors:
             seq.history = mx.array(seq.request.prompt + seq.generated)
         if events[-1].finish_reason is not None:
@@ -319,7 +317,6 @@ class Engine:
         if finished and self.prefix_cache is not None:
             for i in rows:  # the conversation so far, for a next turn that repeats it
                 seq = self.running[i]
-                # the last token was never fed, unless the step under way fed it
                 held = seq.request.prompt + seq.generated[:-1]  # the last token was never fed
                 self.prefix_cache.store(held, [c.row(i) for c in self.batch_cache])
         keep = [i for i in range(len(self.running)) if i not in set(rows)]

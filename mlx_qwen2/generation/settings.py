@@ -23,6 +23,11 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list, metadata={"help": "stop at this string (repeatable)"})
     prefill_step_size: int = field(default=512, metadata={"help": "prompt tokens processed per chunk"})
 
+    @property
+    def sampling(self) -> dict[str, float | int]:
+        """The sampler's settings as `sample.probabilities` and speculative decoding take them."""
+        return {"temp": self.temp, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p}
+
     def __post_init__(self) -> None:
         validate_sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
         if self.max_tokens < 0:

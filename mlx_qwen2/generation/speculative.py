@@ -187,23 +187,36 @@ def speculative_generate_step(
     if len(prompt) > 1:
         fill(model, list(prompt[:-1]), cache, prefill_step_size)  # the last prompt token goes with the first check
     while True:
-        k = adapt.next()
-        drafts, q = proposer.propose(history, k, rng) if k else ([], None)
-        logits = model.head(model.model(mx.array([history[-1:] + drafts]), cache))[0]  # (k + 1, vocab)
-        logits = processed_rows(logits, history, drafts, processors)
-        kept, token = check_proposals(logits, drafts, q, sampling, rng)
-        stats.passes, stats.proposed, stats.accepted = (
-            stats.passes + 1,
-            stats.proposed + len(drafts),
-            stats.accepted + kept,
-        )
+        new, _, refused = check_step(model, cache, proposer, adapt, history, sampling, processors, rng, stats)
         for c in cache:
-            c.trim(len(drafts) - kept)
-        new = drafts[:kept] + [token]
+            c.trim(refused)
         history += new
         proposer.sync(history)
-        adapt.update(len(drafts), kept)
         yield from new
+
+
+def check_step(
+    model: Model,
+    cache: list[Any],
+    proposer: Proposer,
+    adapt: Adaptive,
+    history: list[int],
+    sampling: dict[str, Any],
+    processors: Sequence[LogitsProcessor],
+    rng: np.random.Generator,
+    stats: SpeculativeStats,
+) -> tuple[list[int], mx.array, int]:
+    """One check: propose after `history` (whose last token is not in `cache` yet), run the model over that
+    token and the proposals, keep what passes. Returns the new tokens (kept proposals, then the model's
+    own), their rows of logits (len(new), vocab), and how many refused positions the cache now holds."""
+    k = adapt.next()
+    drafts, q = proposer.propose(history, k, rng) if k else ([], None)
+    logits = model.head(model.model(mx.array([history[-1:] + drafts]), cache))[0]  # (k + 1, vocab)
+    logits = processed_rows(logits, history, drafts, processors)
+    kept, token = check_proposals(logits, drafts, q, sampling, rng)
+    stats.passes, stats.proposed, stats.accepted = stats.passes + 1, stats.proposed + len(drafts), stats.accepted + kept
+    adapt.update(len(drafts), kept)
+    return drafts[:kept] + [token], logits[: kept + 1], len(drafts) - kept
 
 
 def processed_rows(

@@ -99,7 +99,7 @@ def stream_generate(
         if given_sampler is not None:
             raise UserError("speculative decoding needs the sampler's settings, not a custom sampler")
         stats, spec = SpeculativeStats(), speculative or SpeculativeConfig()
-        sampling = {"temp": config.temp, "top_p": config.top_p, "top_k": config.top_k, "min_p": config.min_p}
+        sampling = config.sampling
         if spec.prompt_lookup is not None:
             proposer = LookupProposer(spec.prompt_lookup)
         elif draft is not None:
