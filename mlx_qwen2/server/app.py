@@ -31,7 +31,7 @@ from . import schema
 from .completions import chat, complete
 from .guard import Guard
 from .metrics import CONTENT_TYPE, Metrics
-from .plan import Served
+from .plan import Served, check_token_ids
 from .runner import EngineRunner
 from .schema import ApiError
 from .settings import ServerSettings
@@ -125,10 +125,7 @@ def _add_routes(app: FastAPI, served: Served) -> None:
     async def detokenize(http: HttpRequest) -> dict[str, Any]:
         body = await _body(http, schema.DetokenizeRequest)
         served.check_model(body.model)
-        vocab = served.model.args.vocab_size
-        bad = [t for t in body.tokens if t >= vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        check_token_ids(body.tokens, served.model.args.vocab_size, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
 

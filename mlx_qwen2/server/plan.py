@@ -174,8 +174,12 @@ def completion_prompt(served: Served, prompt: str | list[Any]) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    vocab = served.model.args.vocab_size
+    check_token_ids(ids, served.model.args.vocab_size, "prompt")
+    return ids
+
+
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    """ApiError (400) naming the first id outside the vocabulary."""
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-    return ids
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param)
