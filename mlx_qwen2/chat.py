@@ -20,7 +20,7 @@ from .errors import UserError
 from .generation import GenerationConfig, GenerationResponse, stream_generate
 from .generation.speculative import SpeculativeConfig
 from .loader import DTYPES, load, load_draft, resolve_path
-from .model import Model
+from .models import Model
 from .tokenizer import Tokenizer
 
 

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from .errors import UserError
 from .loader import DTYPES, eos_ids, load_model, load_weights, read_config
-from .model import Model, ModelArgs
+from .models import Model, ModelArgs, args_from_config, build
 from .quant.affine import (
     DEFAULT_BITS,
     DEFAULT_GROUP_SIZE,
@@ -29,7 +29,7 @@ from .quant.affine import (
     weights_of,
 )
 from .quant.dequantize import dequantize
-from .quant.gptq import quantize_gptq
+from .quant.gptq import GPTQ_DENSE_ONLY, quantize_gptq
 from .tokenizer import Tokenizer
 from .writer import check_output_dir, write_model_folder
 
@@ -149,6 +149,14 @@ def check_source(src: Path, source: dict[str, Any], options: ConvertOptions) -> 
         raise UserError(f"{src} is already quantized; pass --dequantize first, or convert from the float checkpoint.")
     if options.dequantize and not quantized:
         raise UserError(f"{src} is not quantized; there is nothing to --dequantize.")
+    if options.calibration is not None:
+        check_gptq(source)
+
+
+def check_gptq(source: dict[str, Any]) -> None:
+    """Refuse GPTQ for an architecture it does not handle (before calibration data is read)."""
+    if source.get("model_type", "qwen2") != "qwen2":
+        raise UserError(GPTQ_DENSE_ONLY)
 
 
 def check_shapes(src: Path, model: Model, weights: dict[str, mx.array]) -> None:
@@ -176,11 +184,11 @@ def convert(
     """
     options = options or ConvertOptions()
     source = read_config(src)
-    args = ModelArgs.from_dict(source)
+    args = args_from_config(source)
     Tokenizer.from_folder(src, eos_ids(src))  # copied as they are: broken files would make a broken output
     check_source(src, source, options)
     check_output_dir(out, force)
-    model = Model(args)
+    model = build(args)
     weights = model.sanitize(load_weights(src))  # lazy: nothing is read yet
     check_shapes(src, model, weights)
     config, plan = output_config(source, args, options, weights)

@@ -14,10 +14,10 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from .cli import report_errors
-from .conversion import ConvertOptions, Summary, convert, float_summary
+from .conversion import ConvertOptions, Summary, check_gptq, convert, float_summary
 from .errors import UserError
 from .gguf_import import import_gguf
-from .loader import DTYPES, resolve_path
+from .loader import DTYPES, read_config, resolve_path
 from .quant.affine import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
 from .quant.calibration import DEFAULT_TOKENS, calibration_ids
 from .quant.recipes import RECIPES
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> Summary:
 
     def convert_folder(src: Path) -> Summary:
         if args.calibrate:
+            check_gptq(read_config(src))
             options.calibration = calibration_ids(
                 Tokenizer.from_folder(src), args.calibration_data, args.calibration_tokens
             )

@@ -19,6 +19,7 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "str": ((str,), "a string"),
     "dict[str, Any]": ((dict,), "a mapping"),
     "list[str]": ((list,), "a list of strings"),
+    "list[int]": ((list,), "a list of integers"),
 }
 
 

@@ -22,7 +22,7 @@ from .errors import UserError
 from .generation import BatchResult, GenerationConfig, GenerationResponse, batch_generate, stream_generate
 from .generation.speculative import SpeculativeConfig
 from .loader import DTYPES, load, load_draft, resolve_path
-from .model import Model
+from .models import Model
 from .prompts_file import append_result, done_lines, read_jobs
 from .tokenizer import Tokenizer, prompt_ids
 

@@ -1,4 +1,4 @@
-"""A qwen2 GGUF file -> a Hugging Face layout folder (safetensors, config, tokenizer).
+"""A qwen2 or qwen2moe GGUF file -> a Hugging Face layout folder (safetensors, config, tokenizer).
 
 Tensors are dequantized with the `gguf` package (maintained with llama.cpp);
 the tokenizer is rebuilt with `tokenizers` from the vocabulary and merges in
@@ -39,14 +39,26 @@ _LAYER_KEYS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # qwen2moe: the router, the shared expert and its gate (experts: _EXPERT_KEYS)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+# llama.cpp stacks a layer's experts into one tensor (experts, out, in); Hugging Face keeps one per expert.
+_EXPERT_KEYS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}  # GGUF architecture -> Hugging Face model_type
 _GLOBAL_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def hf_key(gguf_name: str) -> str:
-    """GGUF tensor name (blk.3.attn_q.weight) -> Hugging Face key (model.layers.3.self_attn.q_proj.weight)."""
+    """GGUF tensor name (blk.3.attn_q.weight) -> Hugging Face key (model.layers.3.self_attn.q_proj.weight);
+    for stacked experts, a key with `{}` where the expert's index goes."""
     base, _, kind = gguf_name.rpartition(".")
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)", base):
+        if m.group(2) in _EXPERT_KEYS:
+            return f"model.layers.{m.group(1)}.mlp.experts.{{}}.{_EXPERT_KEYS[m.group(2)]}.{kind}"
         if m.group(2) in _LAYER_KEYS:
             return f"model.layers.{m.group(1)}.{_LAYER_KEYS[m.group(2)]}.{kind}"
     elif base in _GLOBAL_KEYS:
@@ -123,6 +135,34 @@ def gguf_config(meta: dict[str, Any], vocab_size: int, tied: bool, eos: list[int
     }
 
 
+def moe_config(meta: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """The Qwen2-MoE keys of config.json from qwen2moe metadata, and which layers are sparse from the tensors.
+
+    GGUF has no `decoder_sparse_step` or `mlp_only_layers`: a layer is sparse when it has a router
+    (`ffn_gate_inp`), and the dense ones are listed in `mlp_only_layers`. Nor has it `norm_topk_prob`:
+    llama.cpp never renormalises qwen2moe's top-k weights, i.e. false, as in Qwen1.5-MoE and Qwen2-57B-A14B."""
+    a = "qwen2moe."
+    layers = int(meta[a + "block_count"])
+    dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in shapes]
+    sparse = next((i for i in range(layers) if i not in dense), None)
+    if sparse is None:
+        raise UserError("the qwen2moe GGUF has no router tensor (ffn_gate_inp) in any layer; is it complete?")
+    shared = meta.get(a + "expert_shared_feed_forward_length") or shapes[f"blk.{sparse}.ffn_up_shexp.weight"][1]
+    experts_ff = meta.get(a + "expert_feed_forward_length") or shapes[f"blk.{sparse}.ffn_up_exps.weight"][1]
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "num_experts": int(meta[a + "expert_count"]),
+        "num_experts_per_tok": int(meta[a + "expert_used_count"]),
+        "moe_intermediate_size": int(experts_ff),
+        "shared_expert_intermediate_size": int(shared),
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense,
+        "intermediate_size": int(meta.get(a + "feed_forward_length", experts_ff)),
+    }
+
+
 def _tokenizer_files(reader: GGUFReader, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any], list[int]]:
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise UserError(
@@ -168,7 +208,13 @@ def _tensors(
     for i, t in enumerate(reader.tensors):
         data = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        yield hf_key(t.name), mx.array(data.reshape(shape).astype(dtype))
+        key, w = hf_key(t.name), mx.array(data.reshape(shape).astype(dtype))
+        if "{}" in key:  # stacked experts (E, out, in): one tensor per expert
+            yield from ((key.format(e), w[e]) for e in range(w.shape[0]))
+        elif ".shared_expert_gate." in key:
+            yield key, w.reshape(1, -1)  # llama.cpp may store it as a vector; Hugging Face's is (1, hidden)
+        else:
+            yield key, w
         if progress:
             progress(i + 1, len(reader.tensors))
 
@@ -188,16 +234,23 @@ def import_gguf(
     reader = _open(gguf_path)
     meta = _meta(reader)
     arch = meta.get("general.architecture")
-    if arch != "qwen2":
-        raise UserError(f"{gguf_path} holds a {arch!r} model, not qwen2; mlx_qwen2 imports Qwen2/Qwen2.5 GGUFs only.")
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"{gguf_path} holds a {arch!r} model, not qwen2 or qwen2moe; mlx_qwen2 imports Qwen2, Qwen2.5 and "
+            "Qwen2-MoE GGUFs only."
+        )
     if sha256 is not None and (found := sha256_of(gguf_path)) != sha256.lower():
         raise UserError(f"{gguf_path} has sha256 {found}, expected {sha256}: the file is corrupt or a different one.")
+    if arch == "qwen2moe":  # the same keys under the architecture's prefix, plus the experts'
+        meta = {k.replace("qwen2moe.", "qwen2.", 1): v for k, v in meta.items()} | meta
     tok, tok_config, eos = _tokenizer_files(reader, meta)
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise UserError(f"{gguf_path} has no token_embd.weight tensor; is it a complete qwen2 model?")
     tied = "output.weight" not in shapes
     config = gguf_config(meta, shapes["token_embd.weight"][1], tied, eos)
+    if arch == "qwen2moe":
+        config.update(moe_config(meta, shapes))
     config["torch_dtype"] = dtype
     generation = {
         k: v for k, v in {"bos_token_id": config["bos_token_id"], "eos_token_id": eos}.items() if v is not None

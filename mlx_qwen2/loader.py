@@ -21,7 +21,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from .backends.cpu.layers import use_fast_layers
 from .errors import UserError
 from .files import load_safetensors, read_json
-from .model import Model, ModelArgs
+from .models import Model, args_from_config, build
 from .tokenizer import Tokenizer, check_same_vocab
 from .tuner.adapters import load_adapters
 
@@ -130,8 +130,7 @@ def load_model(folder: Path, dtype: mx.Dtype | str | None = None, lazy: bool = F
     """Build the model from config.json and set its weights."""
     dtype = as_dtype(dtype)
     config = read_config(folder)
-    args = ModelArgs.from_dict(config)
-    return _with_weights(Model(args), folder, config, dtype, lazy)
+    return _with_weights(build(args_from_config(config)), folder, config, dtype, lazy)
 
 
 def _with_weights(model: Model, folder: Path, config: dict[str, Any], dtype: mx.Dtype | None, lazy: bool) -> Model:
@@ -177,7 +176,7 @@ def load(
     folder = resolve_path(path_or_id, revision)
     dtype = as_dtype(dtype)
     config = read_config(folder)
-    model = Model(ModelArgs.from_dict(config))  # no weights yet: a wrong folder is told by its config first
+    model = build(args_from_config(config))  # no weights yet: a wrong folder is told by its config first
     tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
     _with_weights(model, folder, config, dtype, lazy)
     if fast:

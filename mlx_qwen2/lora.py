@@ -48,7 +48,13 @@ class LoraConfig:
     test: bool = field(default=False, metadata={"help": "report test loss and perplexity"})
     fine_tune_type: str = field(default="lora", metadata={"help": ", ".join(FINE_TUNE_TYPES)})
     num_layers: int = field(default=16, metadata={"help": "adapt the last N layers; -1 for all"})
-    keys: str = field(default=",".join(DEFAULT_KEYS), metadata={"help": "comma-separated projections to adapt"})
+    keys: str = field(
+        default=",".join(DEFAULT_KEYS),
+        metadata={
+            "help": "comma-separated layers to adapt (default: every dense projection; in MoE layers attention and "
+            "the shared expert; add mlp.switch_mlp.gate_proj,... for the experts)"
+        },
+    )
     rank: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank"})
     scale: float = field(default=DEFAULT_SCALE, metadata={"help": "LoRA scale (multiplies B A)"})
     alpha: float = field(default=0.0, metadata={"help": "if set, the scale is alpha / rank (the PEFT convention)"})

@@ -11,7 +11,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "mlx_qwen2"
 LAYERS = {
     "core": {
-        "model",
+        "models",
+        "models.base",
+        "models.rope",
+        "models.qwen2",
+        "models.experts",
+        "models.qwen2_moe",
         "cache",
         "cache.kv",
         "cache.rotating",
@@ -165,5 +170,5 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_relative_imports_resolve_to_modules():
     found = dict(imports(PACKAGE / "quant" / "gptq.py"))
-    assert ".model" in found and ".quant.dequantize" in found
+    assert ".models" in found and ".models.qwen2" in found and ".quant.dequantize" in found
     assert ".backends.cpu.blas" in dict(imports(PACKAGE / "__init__.py"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_qwen2.loader import load
-from mlx_qwen2.model import ModelArgs
+from mlx_qwen2.models import ModelArgs
 from tests.tiny import hf_greedy, hf_logits, hf_model, make_checkpoint
 
 IDS = [5, 17, 300, 42, 99, 7, 250, 11, 64, 3, 128, 77, 201, 9, 15, 333, 21, 8]

@@ -12,7 +12,7 @@ from mlx_lm.convert import mixed_quant_predicate_builder
 
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
-from mlx_qwen2.model import Model, ModelArgs
+from mlx_qwen2.models import Model, ModelArgs
 from mlx_qwen2.quant.affine import quantizable
 from mlx_qwen2.quant.recipes import RECIPES, is_sensitive_layer, mlx_lm_recipe
 from tests.tiny import make_checkpoint

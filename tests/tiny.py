@@ -1,7 +1,8 @@
 """Tiny random Qwen2 checkpoints in Hugging Face layout, built in-process.
 
-The weights come from transformers' own Qwen2ForCausalLM (random init), so the
-same folder serves as input to mlx_qwen2 and as the reference model.
+The weights come from transformers' own Qwen2ForCausalLM or Qwen2MoeForCausalLM
+(random init), so the same folder serves as input to mlx_qwen2 and as the
+reference model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 from mlx_qwen2.gguf_import import qwen2_tokenizer
 
@@ -87,6 +95,11 @@ def make_checkpoint(
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
             layer.input_layernorm.weight.normal_(1, 0.2)
+    return _save(model, folder, tok)
+
+
+def _save(model: PreTrainedModel, folder: Path, tok: Tokenizer) -> Path:
+    """The checkpoint, with the tokenizer files and the top-level rope_theta that hub configs carry."""
     model.save_pretrained(folder, safe_serialization=True)
     # Hub checkpoints (written by transformers 4) carry a top-level rope_theta; tools like
     # mlx-lm read only that, so write it too, as the released Qwen2 configs have it.
@@ -96,21 +109,70 @@ def make_checkpoint(
     tok.save(str(folder / "tokenizer.json"))
     tok_config = {"chat_template": QWEN2_CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    eos = tok.token_to_id("<|im_end|>")
     gen = {"eos_token_id": [eos, tok.token_to_id("<|endoftext|>")]}
     (folder / "generation_config.json").write_text(json.dumps(gen))
     return folder
 
 
-def hf_model(folder: Path) -> Qwen2ForCausalLM:
-    return Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def make_moe_checkpoint(
+    folder: Path,
+    tied: bool = False,
+    layers: int = 4,
+    hidden: int = 64,
+    experts: int = 8,
+    top_k: int = 2,
+    norm_topk_prob: bool = False,
+    decoder_sparse_step: int = 1,
+    mlp_only_layers: list[int] | None = None,
+    moe_intermediate: int = 32,
+    seed: int = 0,
+    **extra: Any,
+) -> Path:
+    """Write a random Qwen2-MoE checkpoint (GQA: 4 heads, 2 KV heads) to `folder`."""
+    tok = tiny_tokenizer()
+    config = Qwen2MoeConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=96,
+        moe_intermediate_size=moe_intermediate,
+        shared_expert_intermediate_size=64,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=decoder_sparse_step,
+        mlp_only_layers=mlp_only_layers or [],
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():  # weights large enough that routing, experts and the shared gate all matter
+        for name, p in model.named_parameters():
+            if ".mlp." in name and "norm" not in name:
+                p.normal_(0, 0.5 if "gate.weight" in name else 0.1)
+            elif name.endswith("_proj.bias"):
+                p.normal_(0, 0.5)
+    return _save(model, folder, tok)
 
 
-def hf_logits(model: Qwen2ForCausalLM, ids: list[int]) -> np.ndarray:
+def hf_model(folder: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_logits(model: PreTrainedModel, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def hf_greedy(model: Qwen2ForCausalLM, ids: list[int], n: int) -> list[int]:
+def hf_greedy(model: PreTrainedModel, ids: list[int], n: int) -> list[int]:
     """Greedy continuation with transformers' own KV cache; no generation utilities, no EOS handling."""
     # transformers renames `past_key_values` to `cache` in 5.x; use whichever this version takes.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

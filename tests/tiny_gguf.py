@@ -1,15 +1,17 @@
-"""Write a tiny GGUF (F32 tensors, byte-level BPE metadata) from a tiny Hugging Face folder."""
+"""Write a tiny GGUF (F32 tensors, byte-level BPE metadata) from a tiny Hugging Face folder, qwen2 or qwen2moe
+(experts stacked as llama.cpp stores them)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-from mlx_qwen2.gguf_import import _GLOBAL_KEYS, _LAYER_KEYS
+from mlx_qwen2.gguf_import import _EXPERT_KEYS, _GLOBAL_KEYS, _LAYER_KEYS
 
 
 def gguf_name(hf_key: str) -> str:
@@ -22,8 +24,26 @@ def gguf_name(hf_key: str) -> str:
     return f"blk.{parts[2]}.{inverse[parts[3]]}.{kind}"
 
 
-def write_gguf(folder: Path, path: Path, arch: str = "qwen2") -> Path:
+def gguf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """GGUF names and arrays: experts stacked per layer, the shared-expert gate a vector (as llama.cpp writes)."""
+    out, experts = {}, {}
+    for key, value in weights.items():
+        if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight", key):
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = value
+        elif key.endswith("shared_expert_gate.weight"):
+            out[gguf_name(key)] = value.reshape(-1)
+        else:
+            out[gguf_name(key)] = value
+    inverse = {v: k for k, v in _EXPERT_KEYS.items()}
+    for (layer, proj), by_index in experts.items():
+        out[f"blk.{layer}.{inverse[proj]}.weight"] = np.stack([by_index[e] for e in sorted(by_index)])
+    return out
+
+
+def write_gguf(folder: Path, path: Path, arch: str | None = None) -> Path:
+    """`arch` defaults to the folder's (qwen2 or qwen2moe); another name writes a file of that architecture."""
     config = json.loads((folder / "config.json").read_text())
+    arch = arch or ("qwen2moe" if config["model_type"] == "qwen2_moe" else "qwen2")
     tok = json.loads((folder / "tokenizer.json").read_text())
     chat = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
     w = gguf.GGUFWriter(str(path), arch)
@@ -35,6 +55,11 @@ def write_gguf(folder: Path, path: Path, arch: str = "qwen2") -> Path:
     w.add_head_count_kv(config["num_key_value_heads"])
     w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if arch == "qwen2moe":
+        w.add_expert_count(config["num_experts"])
+        w.add_expert_used_count(config["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     vocab = dict(tok["model"]["vocab"])
@@ -50,8 +75,8 @@ def write_gguf(folder: Path, path: Path, arch: str = "qwen2") -> Path:
     w.add_bos_token_id(added["<|endoftext|>"])
     w.add_pad_token_id(added["<|endoftext|>"])
     w.add_chat_template(chat)
-    for key, value in load_file(str(folder / "model.safetensors")).items():
-        w.add_tensor(gguf_name(key), np.ascontiguousarray(value.astype(np.float32)))
+    for name, value in gguf_tensors(load_file(str(folder / "model.safetensors"))).items():
+        w.add_tensor(name, np.ascontiguousarray(value.astype(np.float32)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

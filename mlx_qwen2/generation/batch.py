@@ -26,7 +26,7 @@ from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.batch import BatchKVCache
 from ..cache.prefix import PrefixCache
 from ..errors import UserError
-from ..model import Model
+from ..models import Model
 from ..sample import LogitsProcessor, make_logits_processors, make_sampler
 from ..tokenizer import Tokenizer
 from .settings import GenerationConfig

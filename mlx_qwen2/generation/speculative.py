@@ -22,7 +22,7 @@ import numpy as np
 from ..cache.kv import KVCache, make_cache
 from ..cache.prefix import common_prefix
 from ..errors import UserError
-from ..model import Model
+from ..models import Model
 from ..sample import LogitsProcessor, probabilities
 from .step import fill, next_logits
 

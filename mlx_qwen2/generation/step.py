@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
-from ..model import Model
+from ..models import Model
 from ..sample import LogitsProcessor, Sampler
 
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.config import CacheConfig
 from ..errors import UserError
-from ..model import Model
+from ..models import Model
 from ..sample import Sampler, make_logits_processors, make_sampler
 from ..tokenizer import Tokenizer
 from .settings import GenerationConfig

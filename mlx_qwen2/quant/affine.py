@@ -15,11 +15,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
-from .recipes import RECIPES, recipe_high
+from ..models.experts import QuantizedSwitchLinear, SwitchLinear
+from .recipes import RECIPES, is_router, recipe_high
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's defaults
+# MoE routers (mlp.gate, mlp.shared_expert_gate) are kept at least at this width: they are tiny (0.02% of
+# Qwen2-57B-A14B's weights), and a rounding error there changes which experts a token goes to, not just how
+# much. `python -m benchmarks.moe --router` measures 4 against 8 bits and float (README, Qwen2-MoE).
+ROUTER_BITS = 8
 
 
 def validate(bits: int, group_size: int, recipe: str | None = None) -> None:
@@ -34,12 +39,16 @@ def validate(bits: int, group_size: int, recipe: str | None = None) -> None:
 
 
 def quantizable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding))
+    return isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear))
 
 
 def quantizable_key(key: str) -> bool:
-    """Checkpoint keys of the matrices a quantized checkpoint packs (projections, embedding, head)."""
-    return key.endswith(".weight") and ("_proj." in key or key.startswith(("model.embed_tokens.", "lm_head.")))
+    """Checkpoint keys of the matrices a quantized checkpoint packs (projections, experts, routers, embedding,
+    head)."""
+    if not key.endswith(".weight"):
+        return False
+    path = key.removesuffix(".weight")
+    return "_proj." in key or is_router(path) or path in ("model.embed_tokens", "lm_head")
 
 
 def make_plan(
@@ -56,12 +65,19 @@ def make_plan(
     within its size budget."""
     validate(bits, group_size, recipe)
     if recipe is None:
-        return lambda path: {"group_size": group_size, "bits": bits, "mode": "affine"}
-    if shapes is None:
+        width = lambda path: bits  # noqa: E731
+    elif shapes is None:
         raise ValueError("a mixed recipe needs the shapes of the matrices")
-    low, high = RECIPES[recipe]
-    chosen = recipe_high(shapes, num_layers, tied, low, high)
-    return lambda path: {"group_size": group_size, "bits": high if path in chosen else low, "mode": "affine"}
+    else:
+        low, high = RECIPES[recipe]
+        chosen = recipe_high(shapes, num_layers, tied, low, high)
+        width = lambda path: high if path in chosen else low  # noqa: E731
+
+    def plan(path: str) -> dict[str, Any]:
+        chosen_bits = max(width(path), ROUTER_BITS) if is_router(path) else width(path)
+        return {"group_size": group_size, "bits": chosen_bits, "mode": "affine"}
+
+    return plan
 
 
 def config_block(plan: Callable[[str], dict[str, Any]], paths: list[str]) -> dict[str, Any]:
@@ -107,7 +123,7 @@ def bits_per_weight(model: nn.Module) -> float:
     """Stored bits (weights, scales, biases) per parameter of the float model's matrices."""
     stored = params = 0
     for _, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
             stored += (module.weight.nbytes + module.scales.nbytes + module.biases.nbytes) * 8
             params += module.weight.size * 32 // module.bits
         elif quantizable(module):

@@ -6,7 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+from ..models.experts import QuantizedSwitchLinear, SwitchLinear
+
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
 
 
 def dequantize(
@@ -19,7 +21,7 @@ def dequantize(
 
 
 def float_weight(layer: nn.Module) -> mx.array:
-    """The float weight (out, in) of a Linear or Embedding, quantized or not."""
+    """The float weight (out, in) of a Linear or Embedding, quantized or not ((E, out, in) for experts)."""
     if isinstance(layer, QUANTIZED):
         return dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     return layer.weight
@@ -28,14 +30,17 @@ def float_weight(layer: nn.Module) -> mx.array:
 def in_dims(layer: nn.Module) -> int:
     """Input width of a Linear, quantized or not (a packed row holds 32 // bits weights per uint32)."""
     if isinstance(layer, QUANTIZED):
-        return layer.weight.shape[1] * 32 // layer.bits
-    return layer.weight.shape[1]
+        return layer.weight.shape[-1] * 32 // layer.bits
+    return layer.weight.shape[-1]
 
 
 def dequantized(module: nn.Module) -> nn.Module:
-    """A float Linear or Embedding holding the dequantized weights of a quantized one (same function)."""
+    """A float Linear, Embedding or SwitchLinear holding the dequantized weights of a quantized one (same
+    function)."""
     w = float_weight(module)
-    if isinstance(module, nn.QuantizedEmbedding):
+    if isinstance(module, QuantizedSwitchLinear):
+        layer = SwitchLinear(w.shape[2], w.shape[1], w.shape[0])
+    elif isinstance(module, nn.QuantizedEmbedding):
         layer = nn.Embedding(*w.shape)
     else:
         layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
@@ -47,10 +52,6 @@ def dequantized(module: nn.Module) -> nn.Module:
 
 def dequantize_model(model: nn.Module) -> None:
     """Replace quantized layers by float ones holding the dequantized weights, in place."""
-    replacements = [
-        (path, dequantized(m))
-        for path, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    ]
+    replacements = [(path, dequantized(m)) for path, m in model.named_modules() if isinstance(m, QUANTIZED)]
     if replacements:
         model.update_modules(tree_unflatten(replacements))

@@ -20,9 +20,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..model import PROJECTIONS, Model
+from ..errors import UserError
+from ..models import Model
+from ..models.qwen2 import MLP, PROJECTIONS
 from .dequantize import dequantized
 from .recipes import output_layer
+
+GPTQ_DENSE_ONLY = (
+    "GPTQ (--calibrate) quantizes dense Qwen2 models only, not mixture-of-experts ones (each expert sees only "
+    "the calibration tokens routed to it, too few for its Hessian); quantize without --calibrate (round-to-nearest)."
+)
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -155,6 +162,8 @@ def quantize_gptq(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Quantize in place: GPTQ for the projections and the output layer, round-to-nearest for the input embedding."""
+    if not all(isinstance(layer.mlp, MLP) for layer in model.layers):
+        raise UserError(GPTQ_DENSE_ONLY)
     hidden = [model.model.embed_tokens(mx.array([ids])) for ids in calibration]  # (1, L, D) each
     quantized: dict[str, nn.Module] = {}
     n_layers = len(model.layers)

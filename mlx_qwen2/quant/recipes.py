@@ -23,8 +23,14 @@ def is_sensitive_layer(index: int, num_layers: int) -> bool:
 
 
 def _layer_matrix(path: str) -> tuple[int, str] | None:
-    m = re.match(r"model\.layers\.(\d+)\.(\w+\.\w+)$", path)
+    """(layer index, path inside the layer): (3, "mlp.down_proj"), or (3, "mlp.switch_mlp.down_proj") in MoE."""
+    m = re.match(r"model\.layers\.(\d+)\.(\w+(?:\.\w+)+)$", path)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_router(path: str) -> bool:
+    """An MoE layer's router or shared-expert gate (see ROUTER_BITS in quant.affine)."""
+    return path.endswith((".mlp.gate", ".mlp.shared_expert_gate"))
 
 
 def output_layer(tied: bool) -> str:
@@ -34,12 +40,15 @@ def output_layer(tied: bool) -> str:
 
 def mlx_lm_recipe(path: str, num_layers: int) -> bool:
     """Whether mlx-lm's mixed recipes give `path` the high width: lm_head, and v_proj and down_proj of
-    the sensitive layers. (For tied models that misses the output layer: there is no lm_head.)"""
+    the sensitive layers (in MoE layers: the experts' and the shared expert's down_proj). For tied models
+    that misses the output layer: there is no lm_head."""
     if path == "lm_head":
         return True
     found = _layer_matrix(path)
     return (
-        bool(found) and found[1] in ("self_attn.v_proj", "mlp.down_proj") and is_sensitive_layer(found[0], num_layers)
+        bool(found)
+        and found[1].endswith(("self_attn.v_proj", "down_proj"))
+        and is_sensitive_layer(found[0], num_layers)
     )
 
 
@@ -64,7 +73,7 @@ def recipe_high(shapes: dict[str, tuple[int, ...]], num_layers: int, tied: bool,
     kv = {p for p in size if p.endswith(("self_attn.k_proj", "self_attn.v_proj")) and _layer_matrix(p)}
     chosen = {head} | kv
     downs = sorted(
-        (p for p in size if mlx_lm_recipe(p, num_layers) and p.endswith("mlp.down_proj")),
+        (p for p in size if mlx_lm_recipe(p, num_layers) and p.endswith("down_proj")),
         key=lambda p: -abs(_layer_matrix(p)[0] - (num_layers - 1) / 2),  # outermost first
     )
     chosen |= set(downs)

@@ -25,7 +25,7 @@ from ..cache.prefix import PrefixCache
 from ..generation.batch import Engine
 from ..generation.grammar import Grammars
 from ..generation.speculative import SpeculativeConfig
-from ..model import Model
+from ..models import Model
 from ..tokenizer import Tokenizer
 from . import schema
 from .completions import chat, complete

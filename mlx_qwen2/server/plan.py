@@ -17,7 +17,7 @@ from ..generation.grammar import Grammars
 from ..generation.settings import GenerationConfig
 from ..generation.speculative import SpeculativeConfig
 from ..generation.step import check_room
-from ..model import Model
+from ..models import Model
 from ..sample import LogitsProcessor, logit_bias_processor, penalty_processor
 from ..tokenizer import Tokenizer
 from . import schema

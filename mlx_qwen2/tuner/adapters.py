@@ -3,14 +3,17 @@
 An adapted Linear computes  y = W x + scale * B A x  (LoRA), or, for DoRA,
 y = m * (W + scale * B A) x / ||W + scale * B A||_rows. `lora_a` is (in, rank)
 and `lora_b` (rank, out), as mlx-lm stores them, so each tool loads the
-other's adapters. Works on float and quantized (QLoRA) bases. Knows nothing
-of files beyond the two an adapter folder holds.
+other's adapters. Works on float and quantized (QLoRA) bases. Stacked MoE
+experts get a gathered LoRA (one A and B per expert: `lora_a` (E, rank, in),
+`lora_b` (E, out, rank), as mlx-lm stores them). Knows nothing of files
+beyond the two an adapter folder holds.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,19 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
 from ..files import load_safetensors
-from ..model import PROJECTIONS
+from ..models.experts import QuantizedSwitchLinear, SwitchLinear
+from ..models.qwen2 import PROJECTIONS
 from ..quant.dequantize import float_weight as _weight
 from ..quant.dequantize import in_dims as _in_dims
 
-DEFAULT_KEYS = PROJECTIONS
+SHARED_EXPERT = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+EXPERTS = ("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj")
+ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
+# By default every projection of a dense layer; in an MoE layer, attention and the shared expert (the experts
+# and routers only when named: each expert sees a fraction of the tokens, and a router's update moves tokens).
+DEFAULT_KEYS = PROJECTIONS + SHARED_EXPERT
+KEYS = DEFAULT_KEYS + EXPERTS + ROUTERS
+SWITCH = (SwitchLinear, QuantizedSwitchLinear)
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 # The one source of the adapter defaults (mlx-lm's: rank 8, scale 20, no dropout).
@@ -87,6 +98,44 @@ class DoRALinear(LoRALinear):
         return _linear((self.m / mx.linalg.norm(adapted, axis=1))[:, None].astype(w.dtype) * adapted, self.linear)
 
 
+class LoRASwitchLinear(nn.Module):
+    """Frozen stacked experts (SwitchLinear, quantized or not) plus a low-rank update per expert."""
+
+    def __init__(
+        self,
+        linear: nn.Module,
+        rank: int = DEFAULT_RANK,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = DEFAULT_DROPOUT,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise UserError(f"LoRA rank must be at least 1, got {rank}")
+        experts, out_dims, in_dims = linear.num_experts, linear.weight.shape[1], _in_dims(linear)
+        self.linear = linear
+        self.scale = scale
+        self.dropout = nn.Dropout(p=dropout)
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (experts, rank, in_dims))
+        self.lora_b = mx.zeros((experts, out_dims, rank))  # zero: a fresh adapter changes nothing
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.linear(x, indices, sorted_indices)
+        z = mx.gather_mm(
+            self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
+        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + (self.scale * z).astype(x.dtype)
+
+    def fused(self) -> SwitchLinear:
+        """Plain stacked experts computing what this layer computes (in eval mode)."""
+        w = _weight(self.linear)  # (E, out, in)
+        experts, out_dims, in_dims = w.shape
+        layer = SwitchLinear(in_dims, out_dims, experts)
+        layer.weight = w + ((self.scale * self.lora_b) @ self.lora_a).astype(w.dtype)
+        return layer
+
+
 def _linear(weight: mx.array, like: nn.Module) -> nn.Linear:
     out = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in like)
     out.weight = weight
@@ -115,14 +164,21 @@ def apply_adapters(
     """Freeze the model and wrap `keys` of its last `num_layers` layers in trainable adapters."""
     chosen = last_layers(model, num_layers)
     keys = tuple(keys or DEFAULT_KEYS)
-    unknown = [k for k in keys if k not in DEFAULT_KEYS]
+    unknown = [k for k in keys if k not in KEYS]
     if unknown:
-        raise UserError(f"unknown adapter keys {unknown}; choose among {', '.join(DEFAULT_KEYS)}")
+        raise UserError(f"unknown adapter keys {unknown}; choose among {', '.join(KEYS)}")
     model.freeze()
-    cls = DoRALinear if dora else LoRALinear
     for layer in chosen:
-        wrapped = [(k, cls(m, rank, scale, dropout)) for k, m in layer.named_modules() if k in keys]
+        wrapped = [(k, _adapter(m, rank, scale, dropout, dora)) for k, m in layer.named_modules() if k in keys]
         layer.update_modules(tree_unflatten(wrapped))
+
+
+def _adapter(layer: nn.Module, rank: int, scale: float, dropout: float, dora: bool) -> nn.Module:
+    if not isinstance(layer, SWITCH):
+        return (DoRALinear if dora else LoRALinear)(layer, rank, scale, dropout)
+    if dora:
+        raise UserError("DoRA is not available for MoE experts (mlp.switch_mlp.*); use LoRA, or leave them out.")
+    return LoRASwitchLinear(layer, rank, scale, dropout)
 
 
 def make_trainable(
@@ -150,10 +206,10 @@ def fuse_adapters(model: nn.Module, dequantize: bool = False) -> None:
     """Replace every adapted layer by a plain layer computing the same function (re-quantized unless asked)."""
     fused = []
     for path, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, LoRASwitchLinear)):
             layer = m.fused()
-            if isinstance(m.linear, nn.QuantizedLinear) and not dequantize:
-                layer = nn.QuantizedLinear.from_linear(layer, m.linear.group_size, m.linear.bits)
+            if isinstance(m.linear, (nn.QuantizedLinear, QuantizedSwitchLinear)) and not dequantize:
+                layer = layer.to_quantized(group_size=m.linear.group_size, bits=m.linear.bits)
             fused.append((path, layer))
     if fused:
         model.update_modules(tree_unflatten(fused))
@@ -167,9 +223,9 @@ def adapter_config(
     fine_tune_type: str, num_layers: int, rank: int, scale: float, dropout: float, keys: tuple[str, ...] | None
 ) -> dict[str, Any]:
     """adapter_config.json, in the layout mlx-lm writes and reads."""
-    params: dict[str, Any] = {"rank": rank, "scale": scale, "dropout": dropout}
-    if keys is not None and tuple(keys) != DEFAULT_KEYS:
-        params["keys"] = list(keys)
+    # The keys are always written: mlx-lm's default (every Linear, and in MoE layers the experts and routers
+    # too) is not ours.
+    params: dict[str, Any] = {"rank": rank, "scale": scale, "dropout": dropout, "keys": list(keys or DEFAULT_KEYS)}
     return {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": params}
 
 
@@ -188,6 +244,12 @@ def read_adapter_config(path: Path) -> tuple[str, int, dict[str, Any]]:
     return kind, num_layers, params
 
 
+def _adapted_paths(weights: dict[str, mx.array]) -> list[str]:
+    """Paths inside a layer ("self_attn.q_proj") of the adapters in an adapter file."""
+    found = {re.sub(r"^model\.layers\.\d+\.", "", k.rpartition(".")[0]) for k in weights if k.endswith(".lora_a")}
+    return sorted(found)
+
+
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> None:
     """Apply the adapters saved in a folder (ours or mlx-lm's) to a loaded model."""
     folder = Path(adapter_path)
@@ -196,11 +258,12 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> None:
         if not p.is_file():
             raise UserError(f"{p} not found: an adapter folder holds adapter_config.json and adapters.safetensors.")
     kind, num_layers, p = read_adapter_config(config_path)
+    weights = load_safetensors(weights_path)
     if kind != "full":
-        keys = [k for k in p.get("keys") or DEFAULT_KEYS]
+        # Without keys (mlx-lm's default: every Linear of a layer), the adapted layers are those in the file.
+        keys = list(p.get("keys") or _adapted_paths(weights))
         rank, scale = p.get("rank", DEFAULT_RANK), p.get("scale", DEFAULT_SCALE)
         apply_adapters(model, num_layers, rank, scale, 0.0, keys, kind == "dora")
-    weights = load_safetensors(weights_path)
     params = dict(tree_flatten(model.parameters()))
     bad = [
         f"{k} {tuple(w.shape)} (model: {tuple(params[k].shape) if k in params else 'absent'})"

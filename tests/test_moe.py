@@ -1,0 +1,319 @@
+"""Qwen2-MoE against transformers' Qwen2MoeForCausalLM, and its experts against a loop over experts."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from safetensors.numpy import load_file, save_file
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from mlx_qwen2 import load, stream_generate
+from mlx_qwen2.cache import KVCache
+from mlx_qwen2.convert import main as convert_main
+from mlx_qwen2.errors import UserError
+from mlx_qwen2.generation import GenerationConfig, batch_generate
+from mlx_qwen2.models import MoeArgs, args_from_config
+from mlx_qwen2.models.experts import SORT_PAIRS, QuantizedSwitchLinear, SwitchGLU
+from mlx_qwen2.models.qwen2_moe import SparseMoeBlock
+from mlx_qwen2.quant.affine import ROUTER_BITS
+from tests.tiny import hf_greedy, hf_logits, hf_model, make_moe_checkpoint
+from tests.tiny_gguf import write_gguf
+
+IDS = [(i * 37 + 11) % 500 for i in range(40)]  # 40 tokens x top-2: past SORT_PAIRS, so prefill sorts
+CONFIGS = {
+    "top2": {},
+    "top2-norm-step2-mlp-only-tied": {
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+        "tied": True,
+        "seed": 1,
+    },
+    "top3-yarn": {
+        "top_k": 3,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 10000.0,
+        },
+        "seed": 2,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def moe(request, tmp_path_factory):
+    return make_moe_checkpoint(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def moe_plain(tmp_path_factory):
+    return make_moe_checkpoint(tmp_path_factory.mktemp("moe_plain"))
+
+
+def test_logits_greedy_and_cache_match_transformers(moe):
+    model, _ = load(moe)
+    ref = hf_model(moe)
+    config = json.loads((moe / "config.json").read_text())
+    sparse = [isinstance(layer.mlp, SparseMoeBlock) for layer in model.layers]
+    assert sparse == [
+        i not in config["mlp_only_layers"] and (i + 1) % config["decoder_sparse_step"] == 0 for i in range(4)
+    ]
+    full = np.array(model(mx.array([IDS]))[0])
+    np.testing.assert_allclose(full, hf_logits(ref, IDS), atol=1e-4, rtol=0)
+    assert mlx_greedy(model, IDS[:5], 10) == hf_greedy(ref, IDS[:5], 10)
+    cache = [KVCache(8) for _ in model.layers]  # prefill 7, then a token at a time: cache == full recompute
+    steps = [np.array(model(mx.array([IDS[:7]]), cache)[0])] + [
+        np.array(model(mx.array([[t]]), cache)[0]) for t in IDS[7:]
+    ]
+    np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4, rtol=0)
+
+
+def mlx_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(np.array(model(mx.array([out]))[0, -1]).argmax()))
+    return out[len(ids) :]
+
+
+def loop_over_experts(glu: SwitchGLU, x: mx.array, experts: mx.array, weight) -> mx.array:
+    """The obvious computation: for each token and each of its experts, that expert's SwiGLU."""
+    rows = []
+    for t in range(x.shape[0]):
+        outs = []
+        for e in np.array(experts[t]).tolist():
+            w = {name: weight(getattr(glu, name))[e] for name in ("gate_proj", "up_proj", "down_proj")}
+            h = nn.silu(x[t] @ w["gate_proj"].T) * (x[t] @ w["up_proj"].T)
+            outs.append(h @ w["down_proj"].T)
+        rows.append(mx.stack(outs))
+    return mx.stack(rows)  # (N, k, D)
+
+
+def float_weight(layer) -> mx.array:
+    if isinstance(layer, QuantizedSwitchLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits)
+    return layer.weight
+
+
+@pytest.mark.parametrize("tokens", [3, SORT_PAIRS])  # decode (gathered as is) and prefill (sorted by expert)
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_gathered_experts_equal_a_loop_over_experts(tokens, bits):
+    mx.random.seed(0)
+    glu = SwitchGLU(64, 32, 8)
+    if bits:
+        nn.quantize(glu, group_size=32, bits=bits)
+        assert isinstance(glu.down_proj, QuantizedSwitchLinear)
+    x = mx.random.normal((tokens, 64))
+    experts = mx.random.randint(0, 8, (tokens, 3))
+    got = glu(x, experts)
+    assert got.shape == (tokens, 3, 64)
+    np.testing.assert_allclose(np.array(got), np.array(loop_over_experts(glu, x, experts, float_weight)), atol=1e-4)
+    batched = glu(x.reshape(1, tokens, 64), experts.reshape(1, tokens, 3))  # (B, L) leading dims too
+    np.testing.assert_allclose(np.array(batched[0]), np.array(got), atol=1e-5)
+
+
+def test_mlx_lm_layout_loads_to_the_same_logits(moe_plain, tmp_path):
+    """Experts stacked under switch_mlp (mlx-lm's layout) and transformers 5's fused layout, both as the HF one."""
+    model, _ = load(moe_plain)
+    expected = np.array(model(mx.array([IDS]))[0])
+    weights = load_file(moe_plain / "model.safetensors")
+    for layout in ("switch_mlp", "fused"):
+        folder = tmp_path / layout
+        folder.mkdir()
+        for f in moe_plain.iterdir():
+            if f.suffix != ".safetensors":
+                (folder / f.name).write_bytes(f.read_bytes())
+        save_file(relayout(weights, layout), folder / "model.safetensors")
+        got = np.array(load(folder)[0](mx.array([IDS]))[0])
+        np.testing.assert_array_equal(got, expected)
+
+
+def relayout(weights: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+    out = {k: v for k, v in weights.items() if ".experts." not in k}
+    for i in range(4):
+        p = f"model.layers.{i}.mlp"
+        stack = {
+            n: np.stack([weights[f"{p}.experts.{e}.{n}.weight"] for e in range(8)])
+            for n in ("gate_proj", "up_proj", "down_proj")
+        }
+        if layout == "switch_mlp":
+            out.update({f"{p}.switch_mlp.{n}.weight": w for n, w in stack.items()})
+        else:
+            out[f"{p}.experts.gate_up_proj"] = np.concatenate([stack["gate_proj"], stack["up_proj"]], axis=1)
+            out[f"{p}.experts.down_proj"] = stack["down_proj"]
+    return out
+
+
+def test_batch_of_moe_sequences_equals_each_alone(moe_plain):
+    model, tok = load(moe_plain)
+    tok.eos_token_ids = set()
+    prompts = ["Hi", "The quick brown fox jumps over the lazy dog", "def add(a, b):"]
+    configs = [GenerationConfig(max_tokens=n, prefill_step_size=4) for n in (6, 9, 4)]
+    results = batch_generate(model, tok, prompts, configs, max_batch=3)
+    for prompt, config, result in zip(prompts, configs, results):
+        assert result.tokens == [r.token for r in stream_generate(model, tok, prompt, config=config)], prompt
+
+
+def test_a_missing_expert_is_a_clear_error(moe_plain, tmp_path):
+    weights = load_file(moe_plain / "model.safetensors")
+    del weights["model.layers.2.mlp.experts.5.up_proj.weight"]
+    for f in moe_plain.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"lacks model\.layers\.2\.mlp\.experts\.\{5\}\.up_proj\.weight"):
+        load(tmp_path)
+
+
+BASE = {
+    "model_type": "qwen2_moe",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "vocab_size": 512,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_experts_per_tok": 9}, "exceeds num_experts"),
+        ({"num_experts": None}, "lacks num_experts"),
+        ({"mlp_only_layers": "1,2"}, "mlp_only_layers is '1,2', but it must be a list"),
+        ({"mlp_only_layers": [1.5]}, "must list layer indices"),
+        ({"decoder_sparse_step": 0}, "decoder_sparse_step must be at least 1"),
+        ({"model_type": "mixtral"}, "not 'qwen2' or 'qwen2_moe'"),
+    ],
+)
+def test_bad_moe_configs(change, message):
+    config = {**BASE, **change}
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(UserError, match=message):
+        args_from_config(config)
+
+
+def test_args_read_the_routing_keys():
+    args = args_from_config({**BASE, "norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": [1]})
+    assert isinstance(args, MoeArgs) and args.norm_topk_prob
+    assert [args.is_sparse(i) for i in range(4)] == [False, False, False, True]
+
+
+def our_logits(folder, fast: bool = False) -> np.ndarray:
+    return np.array(load(folder, fast=fast)[0](mx.array([IDS]))[0])
+
+
+def lm_logits(folder) -> np.ndarray:
+    model, _ = mlx_lm.load(str(folder))
+    return np.array(model(mx.array([IDS]))[0])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_save_load_and_mlx_lm_loads_it(moe_plain, tmp_path, bits):
+    out = tmp_path / "q"
+    flags = ["-q", "--q-group-size", "32", "--q-bits", str(bits)]
+    assert convert_main(["--hf-path", str(moe_plain), "--mlx-path", str(out), *flags]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["bits"] == bits
+    for i in range(4):  # routers kept at 8 bits (ROUTER_BITS); experts at the chosen width
+        router = {"group_size": 32, "bits": ROUTER_BITS}
+        assert (
+            bits == ROUTER_BITS
+            or q[f"model.layers.{i}.mlp.gate"] == q[f"model.layers.{i}.mlp.shared_expert_gate"] == router
+        )
+        assert f"model.layers.{i}.mlp.switch_mlp.down_proj" not in q
+    model, _ = load(out)
+    experts = model.layers[1].mlp.switch_mlp
+    assert isinstance(experts.gate_proj, QuantizedSwitchLinear) and experts.gate_proj.bits == bits
+    assert model.layers[1].mlp.gate.bits == ROUTER_BITS
+    ours, float_logits = our_logits(out), our_logits(moe_plain)
+    # Near the float model, not equal. A 4-bit error moves a token's hidden state enough to change its experts
+    # (a jump, not a drift), so on this tiny model only 8 bits stay close.
+    assert np.corrcoef(ours.ravel(), float_logits.ravel())[0, 1] > (0.99 if bits == 8 else 0.5)
+    np.testing.assert_allclose(our_logits(out, fast=True), ours, atol=1e-4)  # the CPU layers compute the same
+    np.testing.assert_allclose(lm_logits(out), ours, atol=1e-5)
+    back = tmp_path / "dequantized"  # and back to float: the same function
+    assert convert_main(["--hf-path", str(out), "--mlx-path", str(back), "--dequantize"]) == 0
+    np.testing.assert_allclose(our_logits(back), ours, atol=1e-5)
+
+
+def test_we_load_mlx_lms_quantized_moe(moe_plain, tmp_path):
+    out = tmp_path / "theirs"
+    mlx_lm.convert(str(moe_plain), str(out), quantize=True, q_bits=4, q_group_size=32)
+    assert "model.layers.0.mlp.switch_mlp.up_proj.scales" in mx.load(str(out / "model.safetensors"))
+    np.testing.assert_allclose(our_logits(out), lm_logits(out), atol=1e-5)
+    ours = tmp_path / "float"  # our float conversion writes their layout, which they load to our logits
+    assert convert_main(["--hf-path", str(moe_plain), "--mlx-path", str(ours)]) == 0
+    np.testing.assert_allclose(lm_logits(ours), our_logits(moe_plain), atol=1e-5)
+
+
+def test_mixed_recipe_knows_experts(moe_plain, tmp_path):
+    out = tmp_path / "mixed"
+    flags = ["--quant-recipe", "mixed_3_6", "--q-group-size", "32"]
+    assert convert_main(["--hf-path", str(moe_plain), "--mlx-path", str(out), *flags]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["bits"] == 3
+    high = [p for p, s in q.items() if isinstance(s, dict) and s["bits"] == 6]
+    assert any(p.endswith("mlp.switch_mlp.down_proj") for p in high), high  # the experts' down_proj counts
+    assert all(q[f"model.layers.{i}.mlp.gate"]["bits"] == ROUTER_BITS for i in range(4))
+    assert "model.layers.1.mlp.switch_mlp.gate_proj" not in q  # at the low width, the block's default
+    load(out)
+
+
+def test_gptq_refuses_moe(moe_plain, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    assert (
+        convert_main(
+            [
+                "--hf-path",
+                str(moe_plain),
+                "--mlx-path",
+                str(out),
+                "--calibrate",
+                "--q-group-size",
+                "32",
+                "--calibration-tokens",
+                "64",
+            ]
+        )
+        != 0
+    )
+    assert "dense Qwen2 models only" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("dense", [[], [0]], ids=["all-sparse", "a-dense-layer"])
+def test_gguf_import_gives_transformers_tensors(tmp_path, dense):
+    """A qwen2moe GGUF (experts stacked, llama.cpp's names) imports to the tensors transformers' GGUF reader
+    gives, in a folder transformers loads, computing what the source computes. llama.cpp's qwen2moe has no
+    dense layers (nor has transformers' reader); we import one as a layer listed in mlp_only_layers."""
+    src = make_moe_checkpoint(tmp_path / "src", mlp_only_layers=dense, seed=3)
+    path = write_gguf(src, tmp_path / "moe.gguf")
+    out = tmp_path / "imported"
+    assert convert_main(["--gguf", str(path), "--mlx-path", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["mlp_only_layers"] == dense
+    assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (8, 2, 32)
+    reference = hf_model(src)
+    ids = IDS[:20]
+    np.testing.assert_allclose(hf_logits(hf_model(out), ids), hf_logits(reference, ids), atol=1e-6)
+    model, _ = load(out)
+    np.testing.assert_allclose(np.array(model(mx.array([ids]))[0]), hf_logits(reference, ids), atol=1e-4)
+    if dense:
+        return
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=reference)["tensors"]
+    ours = dict(tree_flatten(model.parameters()))
+    expected = model.sanitize({k: mx.array(v.numpy()) for k, v in theirs.items()})  # their fused experts, stacked
+    assert set(expected) == set(ours)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.array(ours[key]), np.array(value), err_msg=key)
