@@ -18,7 +18,7 @@ import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-from .backends.cpu.layers import use_fast_layers
+from .backends.cpu.fast import use_fast_layers
 from .errors import UserError
 from .files import load_safetensors, read_json
 from .models import Model, args_from_config, build

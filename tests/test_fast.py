@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_qwen2.backends.cpu import layers as fast
-from mlx_qwen2.backends.cpu.layers import use_fast_layers
+from mlx_qwen2.backends.cpu.fast import use_fast_layers
 
 
 def _pair(quantized: bool, dtype: mx.Dtype) -> tuple[nn.Module, nn.Module]:

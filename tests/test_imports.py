@@ -33,6 +33,8 @@ LAYERS = {
         "backends.cpu",
         "backends.cpu.blas",
         "backends.cpu.layers",
+        "backends.cpu.experts",
+        "backends.cpu.fast",
         "backends.metal",
         "quant",
         "quant.affine",

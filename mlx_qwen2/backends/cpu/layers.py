@@ -38,7 +38,6 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from ...quant.dequantize import dequantize
 
@@ -211,33 +210,3 @@ class UpcastingEmbedding(nn.Embedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return upcast_product(x, self.weight) if _is_16_bit(self.weight) else rows_product(x, self.weight)
-
-
-_SWAPS = {
-    nn.QuantizedLinear: DequantizingLinear,
-    nn.QuantizedEmbedding: DequantizingEmbedding,
-    nn.Linear: UpcastingLinear,
-    nn.Embedding: UpcastingEmbedding,
-}
-
-
-def _swap(module: nn.Module) -> nn.Module:
-    fast = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
-    fast.__dict__.update(module.__dict__)  # settings: group_size, bits, frozen state
-    dict.update(fast, module)  # parameters (a Module is a dict of them): same keys, so saving is unchanged
-    return fast
-
-
-def _wanted(module: nn.Module) -> bool:
-    return type(module) in _SWAPS
-
-
-def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
-    """Swap in the fast layers for `device` (default: MLX's default device); returns how many."""
-    device = device or mx.default_device()
-    if device.type != mx.cpu:
-        return 0
-    swaps = [(path, _swap(m)) for path, m in model.named_modules() if _wanted(m)]
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-    return len(swaps)

@@ -1,0 +1,41 @@
+"""Which layers are swapped for their CPU versions (`layers`, `experts`), and the swap itself."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from ...models.experts import SwitchGLU
+from .experts import GroupingSwitchGLU
+from .layers import DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
+
+_SWAPS = {
+    nn.QuantizedLinear: DequantizingLinear,
+    nn.QuantizedEmbedding: DequantizingEmbedding,
+    nn.Linear: UpcastingLinear,
+    nn.Embedding: UpcastingEmbedding,
+    SwitchGLU: GroupingSwitchGLU,
+}
+
+
+def _swap(module: nn.Module) -> nn.Module:
+    fast = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
+    fast.__dict__.update(module.__dict__)  # settings: group_size, bits, frozen state
+    dict.update(fast, module)  # parameters (a Module is a dict of them): same keys, so saving is unchanged
+    return fast
+
+
+def _wanted(module: nn.Module) -> bool:
+    return type(module) in _SWAPS
+
+
+def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
+    """Swap in the fast layers for `device` (default: MLX's default device); returns how many."""
+    device = device or mx.default_device()
+    if device.type != mx.cpu:
+        return 0
+    swaps = [(path, _swap(m)) for path, m in model.named_modules() if _wanted(m)]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
