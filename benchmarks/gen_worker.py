@@ -2,8 +2,8 @@
 
     python -m benchmarks.gen_worker --tool mlx_qwen2|mlx-lm|llama.cpp --model DIR_OR_GGUF --ids FILE --gen-tokens N
 
-Prints one JSON line: load_s, ttft_s, prefill_tps, decode_tps, decode_tokens, peak_gb (MLX; RSS for
-llama.cpp), rss_gb, blas (the BLAS library mapped into the process). Every tool is driven the same way:
+Prints one JSON line: load_s, ttft_s, prefill_tps, decode_tps, decode_tokens, peak_gb (MLX, while
+generating; RSS for llama.cpp), load_peak_gb (MLX, while loading), rss_gb, blas (the BLAS library mapped into the process). Every tool is driven the same way:
 its own loader and its own token loop, greedy, over the same prompt token ids. Which BLAS mlx-lm gets is
 the caller's choice (LD_PRELOAD); this worker imports nothing of mlx_qwen2 for mlx-lm or llama.cpp.
 """
@@ -71,8 +71,10 @@ def main() -> None:
                     n_batch=512, verbose=False)  # fmt: skip
         steps = llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)  # greedy
         mx = None
+    load_peak_gb = None
     if mx is not None:
         mx.eval(model.parameters())
+        load_peak_gb = mx.get_peak_memory() / 1e9
         mx.reset_peak_memory()
     load_s = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -95,6 +97,7 @@ def main() -> None:
         "decode_tps": (n - 1) / (last - first) if n > 1 else 0.0,
         "decode_tokens": n,
         "peak_gb": mx.get_peak_memory() / 1e9 if mx is not None else rss_gb,
+        "load_peak_gb": load_peak_gb,
         "rss_gb": rss_gb,
         "blas": blas_mapped(),
     }
