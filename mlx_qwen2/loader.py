@@ -144,6 +144,8 @@ def _with_weights(model: Model, folder: Path, config: dict[str, Any], dtype: mx.
     except ValueError as e:
         raise UserError(f"the weights in {folder} do not match its config.json: {e}") from e
     if not lazy:
+        for layer in model.layers:  # a layer at a time: stacking a checkpoint's experts copies one layer's
+            mx.eval(layer.parameters())
         mx.eval(model.parameters())
     model.eval()
     return model

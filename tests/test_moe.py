@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import numpy as np
+import openai
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from mlx_qwen2 import load, stream_generate
-from mlx_qwen2.backends.cpu import experts as cpu_experts
 from mlx_qwen2.backends.cpu.experts import GroupingSwitchGLU
 from mlx_qwen2.backends.cpu.fast import use_fast_layers
 from mlx_qwen2.cache import KVCache
@@ -25,6 +26,8 @@ from mlx_qwen2.models import MoeArgs, args_from_config
 from mlx_qwen2.models.experts import SORT_PAIRS, QuantizedSwitchLinear, SwitchGLU
 from mlx_qwen2.models.qwen2_moe import SparseMoeBlock
 from mlx_qwen2.quant.affine import ROUTER_BITS
+from tests.serving import ServerProcess
+from tests.test_server import ask, chat_ids, greedy
 from tests.tiny import hf_greedy, hf_logits, hf_model, make_moe_checkpoint
 from tests.tiny_gguf import write_gguf
 
@@ -324,10 +327,9 @@ def test_gguf_import_gives_transformers_tensors(tmp_path, dense):
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # gathered (decode) and grouped by expert (prefill)
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit"])
-def test_cpu_experts_compute_what_mlx_computes(tokens, kind, monkeypatch):
-    """backends/cpu/experts.py against MLX's own gathered products: outputs and input gradients. Float
-    copies one expert at a time (blocks in turn), and experts 6 and 7 unused (their block skipped)."""
-    monkeypatch.setattr(cpu_experts, "EXPERT_COPY_BLOCK", 3 * 32 * 64)
+def test_cpu_experts_compute_what_mlx_computes(tokens, kind):
+    """backends/cpu/experts.py against MLX's own gathered products: outputs and input gradients (experts 6
+    and 7 unused: skipped when grouping)."""
     mx.random.seed(1)
     plain, holder = SwitchGLU(64, 32, 8), nn.Module()
     holder.glu = SwitchGLU(64, 32, 8)
@@ -356,3 +358,18 @@ def test_cpu_experts_compute_what_mlx_computes(tokens, kind, monkeypatch):
     if kind == "float32":
         ours, theirs = (mx.grad(lambda v, g=g: loss(g, v))(x) for g in (holder.glu, plain))
         np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-4)
+
+
+def test_the_server_serves_moe(moe_plain):
+    """Through the server (the batching engine), streamed and not, greedy text equals stream_generate's."""
+    local = load(moe_plain)
+    text = "def add(a, b):"
+    expected, _ = greedy(local, chat_ids(local[1], text), 16)
+    server = ServerProcess(moe_plain)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        assert ask(client, moe_plain, text, max_tokens=16, temperature=0).choices[0].message.content == expected
+        chunks = list(ask(client, moe_plain, text, max_tokens=16, temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught, once shut down
