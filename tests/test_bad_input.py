@@ -77,6 +77,18 @@ BROKEN_MODELS = [
     ("tie-a-string", edit_config(tie_word_embeddings="yes"), "tie_word_embeddings"),
     ("zero-heads", edit_config(num_attention_heads=0), "num_attention_heads must be at least 1"),
     ("shapes-disagree", edit_config(intermediate_size=100), "do not match its config.json"),
+    ("moe-without-experts", edit_config(model_type="qwen2_moe"), "lacks num_experts, num_experts_per_tok"),
+    (
+        "moe-dense-weights",  # a MoE config over a dense checkpoint: no experts to load
+        edit_config(
+            model_type="qwen2_moe",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        "do not match its config.json",
+    ),
     ("truncated-safetensors", truncate("model.safetensors", 1000), "truncated"),
     ("corrupt-safetensors", write("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"), "valid"),
     ("only-pickled-weights", only_pickle, "pickled"),

@@ -48,13 +48,13 @@ def qbase(base, tmp_path_factory):
     return out
 
 
-def perturb(model: nn.Module, seed: int = 0) -> None:
-    """Give every adapter a non-zero update (a fresh one is the identity)."""
+def perturb(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Give every adapter (ours or mlx-lm's) a non-zero update (a fresh one is the identity)."""
     key = mx.random.key(seed)
     for _, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if "lora_b" in m:
             key, sub = mx.random.split(key)
-            m.lora_b = mx.random.normal(m.lora_b.shape, key=sub) * 0.02
+            m.lora_b = mx.random.normal(m.lora_b.shape, key=sub) * std
             if isinstance(m, DoRALinear):
                 m.m = m.m * 1.1
 
@@ -281,11 +281,7 @@ def test_mlx_lm_interop(base, tmp_path):
     lm_model, _ = mlx_lm.load(str(base))
     lm_model.freeze()
     linear_to_lora_layers(lm_model, 3, {"rank": 2, "scale": 5.0, "dropout": 0.0})
-    key = mx.random.key(9)
-    for _, m in lm_model.named_modules():
-        if hasattr(m, "lora_b"):
-            key, sub = mx.random.split(key)
-            m.lora_b = mx.random.normal(m.lora_b.shape, key=sub) * 0.02
+    perturb(lm_model, seed=9)
     mx.save_safetensors(str(theirs / "adapters.safetensors"), dict(tree_flatten(lm_model.trainable_parameters())))
     config = {"fine_tune_type": "lora", "num_layers": 3, "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0}}
     (theirs / "adapter_config.json").write_text(json.dumps(config))

@@ -22,6 +22,7 @@ from mlx_qwen2.cache import KVCache
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.generation import GenerationConfig, batch_generate
+from mlx_qwen2.generation.speculative import SpeculativeConfig
 from mlx_qwen2.models import MoeArgs, args_from_config
 from mlx_qwen2.models.experts import SORT_PAIRS, QuantizedSwitchLinear, SwitchGLU
 from mlx_qwen2.models.qwen2_moe import SparseMoeBlock
@@ -373,3 +374,16 @@ def test_the_server_serves_moe(moe_plain):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     finally:
         assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught, once shut down
+
+
+def test_speculative_decoding_on_moe_equals_plain_greedy(moe_plain, tmp_path):
+    """A draft (the model itself, and a second MoE) and prompt lookup: the target's greedy tokens exactly."""
+    model, tok = load(moe_plain)
+    tok.eos_token_ids = set()
+    draft, _ = load(make_moe_checkpoint(tmp_path / "draft", layers=2, seed=9))
+    prompt = tok.encode("def add(a, b):\n    return a + b\n" * 3 + "def add(a, b):\n")
+    plain = [r.token for r in stream_generate(model, tok, prompt, max_tokens=24)]
+    for settings in ({"draft": model}, {"draft": draft}, {"speculative": SpeculativeConfig(prompt_lookup=2)}):
+        out = list(stream_generate(model, tok, prompt, max_tokens=24, **settings))
+        assert [r.token for r in out] == plain, settings
+        assert out[-1].draft_tokens > 0

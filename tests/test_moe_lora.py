@@ -25,6 +25,7 @@ from mlx_qwen2.tuner.adapters import (
     apply_adapters,
     fuse_adapters,
 )
+from tests import test_lora as lora_tests
 from tests.test_lora import write_data
 from tests.tiny import make_moe_checkpoint
 
@@ -47,11 +48,7 @@ def qbase(base, tmp_path_factory):
 
 
 def perturb(model: nn.Module, seed: int = 0) -> None:
-    key = mx.random.key(seed)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b") and not isinstance(m, mx.array):
-            key, sub = mx.random.split(key)
-            m.lora_b = mx.random.normal(m.lora_b.shape, key=sub) * 0.05
+    lora_tests.perturb(model, seed, std=0.05)
 
 
 def adapted_paths(model: nn.Module) -> set[str]:

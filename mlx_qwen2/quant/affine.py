@@ -21,7 +21,7 @@ from .recipes import RECIPES, is_router, recipe_high
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64  # mlx-lm's defaults
-# MoE routers (mlp.gate, mlp.shared_expert_gate) are kept at least at this width: they are tiny (0.02% of
+# MoE routers (mlp.gate, mlp.shared_expert_gate) are kept at least at this width: they are tiny (about 0.01% of
 # Qwen2-57B-A14B's weights), and a rounding error there changes which experts a token goes to, not just how
 # much. `python -m benchmarks.moe --router` measures 4 against 8 bits and float (README, Qwen2-MoE).
 ROUTER_BITS = 8

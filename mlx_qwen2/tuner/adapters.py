@@ -42,6 +42,26 @@ FINE_TUNE_TYPES = ("lora", "dora", "full")
 DEFAULT_RANK, DEFAULT_SCALE, DEFAULT_DROPOUT = 8, 20.0, 0.0
 
 
+def _set_low_rank(
+    adapter: nn.Module,
+    linear: nn.Module,
+    rank: int,
+    scale: float,
+    dropout: float,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+) -> None:
+    """The frozen layer, the scale, dropout, and A (uniform in +-1/sqrt(in)) and B (zero) of an adapter."""
+    if rank < 1:
+        raise UserError(f"LoRA rank must be at least 1, got {rank}")
+    adapter.linear = linear
+    adapter.scale = scale
+    adapter.dropout = nn.Dropout(p=dropout)
+    bound = 1 / math.sqrt(_in_dims(linear))
+    adapter.lora_a = mx.random.uniform(-bound, bound, a_shape)
+    adapter.lora_b = mx.zeros(b_shape)  # zero: a fresh adapter changes nothing
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear (or QuantizedLinear) plus a trainable low-rank update."""
 
@@ -53,15 +73,8 @@ class LoRALinear(nn.Module):
         dropout: float = DEFAULT_DROPOUT,
     ):
         super().__init__()
-        if rank < 1:
-            raise UserError(f"LoRA rank must be at least 1, got {rank}")
         in_dims, out_dims = _in_dims(linear), linear.weight.shape[0]
-        self.linear = linear
-        self.scale = scale
-        self.dropout = nn.Dropout(p=dropout)
-        bound = 1 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
-        self.lora_b = mx.zeros((rank, out_dims))  # zero: a fresh adapter changes nothing
+        _set_low_rank(self, linear, rank, scale, dropout, (in_dims, rank), (rank, out_dims))
 
     def delta(self) -> mx.array:
         """scale * B A as an (out, in) matrix."""
@@ -109,15 +122,8 @@ class LoRASwitchLinear(nn.Module):
         dropout: float = DEFAULT_DROPOUT,
     ):
         super().__init__()
-        if rank < 1:
-            raise UserError(f"LoRA rank must be at least 1, got {rank}")
         experts, out_dims, in_dims = linear.num_experts, linear.weight.shape[1], _in_dims(linear)
-        self.linear = linear
-        self.scale = scale
-        self.dropout = nn.Dropout(p=dropout)
-        bound = 1 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (experts, rank, in_dims))
-        self.lora_b = mx.zeros((experts, out_dims, rank))  # zero: a fresh adapter changes nothing
+        _set_low_rank(self, linear, rank, scale, dropout, (experts, rank, in_dims), (experts, out_dims, rank))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = self.linear(x, indices, sorted_indices)
