@@ -1,10 +1,14 @@
-"""What the command-line tools share: flags built from a dataclass, one-line user errors, the BLAS hint."""
+"""What the command-line tools share: flags built from a dataclass, one-line user errors, the BLAS hint,
+joining the other processes of an `mlx.launch` run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -66,8 +70,67 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
         except USER_ERRORS as e:
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 1
+        except RuntimeError as e:
+            if not str(e).startswith(PEER_ERRORS):
+                raise
+            print(f"error: another rank of this run stopped or cannot be reached ({_one_line(e)}).", file=sys.stderr)
+            return 1
 
     return wrapper
+
+
+# How MLX's distributed backends say that another process of the group has gone (a lost socket).
+PEER_ERRORS = ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
+JOIN_TIMEOUT = 120.0  # seconds for every rank of an mlx.launch run to start and connect (MLX_QWEN2_JOIN_TIMEOUT)
+
+
+# A process that waits for the launching one to close its stdin; past the timeout it says why and ends it.
+# A process of its own because MLX's init holds the interpreter while it waits: no thread or signal handler
+# of ours would run.
+_WATCHDOG = """
+import os, select, signal, sys
+pid, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([sys.stdin], [], [], timeout)[0]:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGTERM)
+"""
+# Set by mlx.launch (ring: a hostfile and a rank; MPI; JACCL) in each process of a run.
+_LAUNCHED = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")
+
+
+def join_group(timeout: float | None = None) -> mx.distributed.Group | None:
+    """The group of an `mlx.launch` run this process belongs to (None when it runs alone). If the other
+    ranks do not all connect within `timeout`, the process ends with one line: MLX's init would wait forever."""
+    if not mx.distributed.is_available():
+        return None
+    if not any(k in os.environ for k in _LAUNCHED):
+        group = mx.distributed.init()  # alone: returns at once
+        return group if group.size() > 1 else None
+    timeout = timeout or float(os.environ.get("MLX_QWEN2_JOIN_TIMEOUT", JOIN_TIMEOUT))
+    message = (
+        f"error: not every rank of this run connected within {timeout:.0f} s; check the hostfile and that each "
+        "machine started the same command."
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message], stdin=subprocess.PIPE
+    )
+    try:
+        group = mx.distributed.init()
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
+    return group if group.size() > 1 else None
+
+
+@contextlib.contextmanager
+def only_rank_zero_prints(group: mx.distributed.Group | None):
+    """Silence stdout and stderr on every rank but 0 (they compute the same; rank 0 speaks for them)."""
+    if group is None or group.rank() == 0:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
 
 
 def _one_line(e: BaseException) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import UserError
 
@@ -54,8 +55,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield n, record
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise UserError if a safetensors file is truncated or its header is corrupt."""
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """The header of a safetensors file; UserError if the file is truncated or its header is corrupt."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -71,12 +72,46 @@ def check_safetensors(path: Path) -> None:
             f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}; "
             "re-download or re-convert it."
         )
+    header["__data_start__"] = 8 + n
+    return header
 
 
 def load_safetensors(path: Path) -> dict[str, mx.array]:
     """The tensors of one checked file, lazily."""
     check_safetensors(path)
     return mx.load(str(path))
+
+
+# safetensors dtype -> (numpy dtype to read the bytes as, MLX dtype they are)
+_DTYPES = {
+    "F32": (np.float32, mx.float32),
+    "F16": (np.float16, mx.float16),
+    "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32),
+    "I32": (np.int32, mx.int32),
+    "U8": (np.uint8, mx.uint8),
+}
+
+
+def read_slice(path: Path, header: dict[str, Any], key: str, axis: int, part: int, parts: int) -> mx.array:
+    """Part `part` of `parts` equal parts of tensor `key` along `axis`, read from the file alone (the rest of
+    the tensor is never copied into memory); axis None reads the whole tensor."""
+    entry = header[key]
+    if entry["dtype"] not in _DTYPES:
+        raise UserError(f"{path}: tensor {key} has dtype {entry['dtype']}, which mlx_qwen2 cannot read in parts.")
+    np_dtype, mx_dtype = _DTYPES[entry["dtype"]]
+    shape = tuple(entry["shape"])
+    start = header["__data_start__"] + entry["data_offsets"][0]
+    data = np.memmap(path, dtype=np_dtype, mode="r", offset=start, shape=shape)
+    if axis is not None:
+        if shape[axis] % parts:
+            raise UserError(f"{path}: tensor {key} {shape} does not split into {parts} equal parts along axis {axis}.")
+        size = shape[axis] // parts
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(part * size, (part + 1) * size)
+        data = data[tuple(index)]
+    out = mx.array(np.ascontiguousarray(data))
+    return out.view(mx_dtype) if mx_dtype == mx.bfloat16 else out
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:

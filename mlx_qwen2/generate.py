@@ -17,12 +17,13 @@ import mlx.core as mx
 from .backends.cpu import blas
 from .cache.config import CacheConfig
 from .cache.files import load_prompt_cache, model_fingerprint, tokenizer_fingerprint
-from .cli import add_dataclass_args, blas_hint, from_args, report_errors
+from .cli import add_dataclass_args, blas_hint, from_args, join_group, only_rank_zero_prints, report_errors
 from .errors import UserError
 from .generation import BatchResult, GenerationConfig, GenerationResponse, batch_generate, stream_generate
 from .generation.speculative import SpeculativeConfig
 from .loader import DTYPES, load, load_draft, resolve_path
 from .models import Model
+from .parallel import MODES, barrier, common_seed
 from .prompts_file import append_result, done_lines, read_jobs
 from .tokenizer import Tokenizer, prompt_ids
 
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", default=None, help="a .jsonl of prompts (one request a line) to run in batches")
     p.add_argument("--output", default=None, help="with --prompts-file: the .jsonl results go here (resumable)")
     p.add_argument("--max-batch", type=int, default=8, help="with --prompts-file: most sequences decoded together")
+    p.add_argument(
+        "--parallel",
+        choices=MODES,
+        default="tensor",
+        help="under mlx.launch: split each layer over the ranks (tensor) or give each rank a block of layers "
+        "(pipeline) (default: tensor)",
+    )
     add_dataclass_args(p, GenerationConfig)
     add_dataclass_args(p, CacheConfig)
     add_dataclass_args(p, SpeculativeConfig)
@@ -148,10 +156,40 @@ def main(argv: list[str] | None = None) -> int:
     config, cache_config = from_args(GenerationConfig, args), from_args(CacheConfig, args)
     speculative = from_args(SpeculativeConfig, args)
     check_flags(args, cache_config, speculative)
+    group = join_group()
+    if group is not None:
+        check_parallel_flags(args, speculative)
+        config.seed = common_seed(group, config.seed)  # every rank samples the same tokens
+    with only_rank_zero_prints(group):
+        code = generate(args, config, cache_config, speculative, group)
+    if group is not None:
+        barrier(group)  # the ranks leave together: one closing its sockets early makes the others' MLX log errors
+    return code
+
+
+def check_parallel_flags(args: argparse.Namespace, speculative: SpeculativeConfig) -> None:
+    """Under mlx.launch, generate runs one prompt given on the command line."""
+    used = [flag for flag, on in (("--prompts-file", args.prompts_file), ("--prompt-cache-file", args.prompt_cache_file),
+            ("--draft-model", speculative.draft_model), ("--prompt -", args.prompt == "-")) if on]  # fmt: skip
+    if used:
+        raise UserError(
+            f"{', '.join(used)} cannot be used across ranks (mlx.launch); run one prompt given as --prompt."
+        )
+
+
+def generate(
+    args: argparse.Namespace,
+    config: GenerationConfig,
+    cache_config: CacheConfig,
+    speculative: SpeculativeConfig,
+    group: mx.distributed.Group | None,
+) -> int:
     prompt = read_stdin() if args.prompt == "-" and args.prompts_file is None else args.prompt
     blas_hint()
     folder = resolve_path(args.model)
-    model, tokenizer = load(folder, dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast)
+    model, tokenizer = load(
+        folder, dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast, group=group, parallel=args.parallel
+    )
     if args.prompts_file is not None:
         return run_prompts_file(args, config, model, tokenizer)
     cache = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 
 from .backends.cpu.fast import use_fast_layers
 from .errors import UserError
-from .files import load_safetensors, read_json
+from .files import check_safetensors, load_safetensors, read_json, read_slice
 from .models import Model, args_from_config, build
+from .parallel import MODES, check_same_everywhere, shard_pipeline, shard_tensor_parallel, tensor_parallel_axis
 from .tokenizer import Tokenizer, check_same_vocab
 from .tuner.adapters import load_adapters
 
+Shard = tuple[Callable[[str], int | None], int, int]  # (key -> split axis or None, rank, number of ranks)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
@@ -88,11 +91,21 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(folder: Path) -> dict[str, mx.array]:
-    """All tensors of a checkpoint as lazy MLX arrays (nothing is read until evaluated)."""
+def load_weights(folder: Path, shard: Shard | None = None) -> dict[str, mx.array]:
+    """All tensors of a checkpoint as lazy MLX arrays (nothing is read until evaluated). With `shard`
+    (key -> split axis or None, this rank, the number of ranks), split tensors are this rank's part only,
+    read from the file alone."""
     weights: dict[str, mx.array] = {}
     for f in weight_files(folder):
-        weights.update(load_safetensors(f))
+        lazy = load_safetensors(f)
+        if shard is None:
+            weights.update(lazy)
+            continue
+        axis_of, rank, parts = shard
+        header = check_safetensors(f)
+        for key, w in lazy.items():
+            axis = axis_of(key)
+            weights[key] = w if axis is None else read_slice(f, header, key, axis, rank, parts)
     return weights
 
 
@@ -133,9 +146,21 @@ def load_model(folder: Path, dtype: mx.Dtype | str | None = None, lazy: bool = F
     return _with_weights(build(args_from_config(config)), folder, config, dtype, lazy)
 
 
-def _with_weights(model: Model, folder: Path, config: dict[str, Any], dtype: mx.Dtype | None, lazy: bool) -> Model:
-    """Set the checkpoint's weights (quantized layers first, where config.json says so)."""
-    weights = model.sanitize(load_weights(folder))
+def _with_weights(
+    model: Model,
+    folder: Path,
+    config: dict[str, Any],
+    dtype: mx.Dtype | None,
+    lazy: bool,
+    shard: Shard | None = None,
+    local_key: Callable[[str], str | None] | None = None,
+) -> Model:
+    """Set the checkpoint's weights (quantized layers first, where config.json says so). `shard` and
+    `local_key` are a tensor-parallel rank's part of each tensor, and a pipeline stage's keys (see parallel)."""
+    weights = load_weights(folder, shard)
+    if local_key is not None:
+        weights = {local_key(k): w for k, w in weights.items() if local_key(k) is not None}
+    weights = model.sanitize(weights)
     apply_quantization(model, config, weights)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
@@ -167,20 +192,34 @@ def load(
     revision: str | None = None,
     fast: bool = True,
     adapter_path: str | os.PathLike[str] | None = None,
+    group: mx.distributed.Group | None = None,
+    parallel: str = "tensor",
 ) -> tuple[Model, Tokenizer]:
     """Load a Qwen2 model and its tokenizer from a local folder or a hub id.
 
     `dtype` casts float weights (an `mx.Dtype` or its name). `fast` swaps in the layers that are
     fastest on the default device (see `backends/cpu/layers.py`);
     they compute the same function up to float rounding. `adapter_path` applies
-    LoRA/DoRA adapters saved by `python -m mlx_qwen2.lora` (or by mlx-lm).
+    LoRA/DoRA adapters saved by `python -m mlx_qwen2.lora` (or by mlx-lm). With a `group` of more than
+    one process (`mx.distributed.init()` under `mlx.launch`), this process holds its share of the model,
+    `parallel` "tensor" or "pipeline" (see `parallel.py`), and reads only that share's tensors.
     """
     folder = resolve_path(path_or_id, revision)
     dtype = as_dtype(dtype)
     config = read_config(folder)
     model = build(args_from_config(config))  # no weights yet: a wrong folder is told by its config first
     tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
-    _with_weights(model, folder, config, dtype, lazy)
+    shard = local_key = None
+    if group is not None and group.size() > 1:
+        if parallel not in MODES:
+            raise UserError(f"parallel must be one of {', '.join(MODES)}, got {parallel!r}.")
+        check_same_everywhere(group, config, str(dtype), parallel, adapter_path is not None)
+        if parallel == "tensor":
+            shard_tensor_parallel(model, group)
+            shard = (tensor_parallel_axis, group.rank(), group.size())
+        else:
+            local_key = shard_pipeline(model, group)
+    _with_weights(model, folder, config, dtype, lazy, shard, local_key)
     if fast:
         use_fast_layers(model)
     if adapter_path is not None:

@@ -20,9 +20,10 @@ from typing import Any
 import mlx.core as mx
 import yaml
 
-from .cli import add_dataclass_args, blas_hint, report_errors
+from .cli import add_dataclass_args, blas_hint, join_group, only_rank_zero_prints, report_errors
 from .errors import UserError, check_types
 from .loader import load
+from .parallel import barrier
 from .tuner.adapters import (
     DEFAULT_DROPOUT,
     DEFAULT_KEYS,
@@ -158,7 +159,9 @@ def print_report(r: Report, metrics: Path | None) -> None:
             f.write(json.dumps({k: v for k, v in dataclasses.asdict(r).items() if v is not None}) + "\n")
 
 
-def run_training(cfg: LoraConfig, tcfg: TrainConfig, model: Any, data: dict, folder: Path) -> None:
+def run_training(
+    cfg: LoraConfig, tcfg: TrainConfig, model: Any, data: dict, folder: Path, group: mx.distributed.Group | None
+) -> None:
     keys = tuple(k for k in cfg.keys.split(",") if k)
     config = adapter_config(cfg.fine_tune_type, cfg.num_layers, cfg.rank, cfg.lora_scale, cfg.dropout, keys)
     mx.random.seed(tcfg.seed)  # adapter initialisation is random: make it reproducible
@@ -167,7 +170,9 @@ def run_training(cfg: LoraConfig, tcfg: TrainConfig, model: Any, data: dict, fol
     start = resume(folder, model, optimizer) if cfg.resume else 0
     print(f"trainable parameters: {trainable_count(model):,}", file=sys.stderr)
     model.train()
-    folder.mkdir(parents=True, exist_ok=True)
+    writer = group is None or group.rank() == 0  # data parallel: every rank trains, rank 0 writes
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
     metrics = folder / "metrics.jsonl"
     train(
         model,
@@ -175,12 +180,13 @@ def run_training(cfg: LoraConfig, tcfg: TrainConfig, model: Any, data: dict, fol
         data["train"],
         data.get("valid"),
         tcfg,
-        save=lambda step, best: save_checkpoint(folder, model, optimizer, step, best, config),
-        report=lambda r: print_report(r, metrics),
+        save=lambda step, best: writer and save_checkpoint(folder, model, optimizer, step, best, config),
+        report=lambda r: writer and print_report(r, metrics),
         start_step=start,
+        group=group,
     )
     model.eval()
-    if plot_losses(metrics, folder / "loss.png"):
+    if writer and plot_losses(metrics, folder / "loss.png"):
         print(f"loss curve: {folder / 'loss.png'}", file=sys.stderr)
 
 
@@ -194,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(cfg.adapter_path)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--adapter-path {folder} is a file; choose a folder.")
+    group = join_group()
+    with only_rank_zero_prints(group):
+        code = run(cfg, tcfg, folder, group)
+    if group is not None:
+        barrier(group)  # the ranks leave together (see generate)
+    return code
+
+
+def run(cfg: LoraConfig, tcfg: TrainConfig, folder: Path, group: mx.distributed.Group | None) -> int:
+    """Train and/or test; with a group (mlx.launch), data parallel: each rank its share of every batch."""
     blas_hint()
     model, tokenizer = load(cfg.model)
     splits = (("train", "valid") if cfg.train else ()) + (("test",) if cfg.test else ())
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     if cfg.train:
-        run_training(cfg, tcfg, model, data, folder)
+        run_training(cfg, tcfg, model, data, folder, group)
     elif cfg.test:
         load_adapters(model, folder)
     if cfg.test:

@@ -88,9 +88,13 @@ class Qwen2Model(nn.Module):
         # of different lengths, or a rotating window, needs more than "causal").
         L = h.shape[1]
         mask = cache[0].make_mask(L) if cache is not None else "causal" if L > 1 else None
+        return self.norm(self.run_layers(h, mask, cache))
+
+    def run_layers(self, h: mx.array, mask: mx.array | str | None, cache: list[Cache] | None) -> mx.array:
+        """The decoder layers on the embeddings (B, L, D); a pipeline stage runs only its own (see parallel)."""
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cache[i] if cache is not None else None)
-        return self.norm(h)
+        return h
 
 
 class Model(nn.Module):

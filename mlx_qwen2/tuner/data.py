@@ -156,13 +156,20 @@ def batches(examples: list[Example], batch_size: int) -> Iterator[tuple[mx.array
 
 
 def training_batches(
-    examples: list[Example], batch_size: int, seed: int, skip: int = 0
+    examples: list[Example], batch_size: int, seed: int, skip: int = 0, shard: tuple[int, int] = (0, 1)
 ) -> Iterator[tuple[mx.array, mx.array]]:
-    """Endless epochs, each shuffled by (seed, epoch); `skip` drops the first batches (for resuming)."""
+    """Endless epochs, each shuffled by (seed, epoch); `skip` drops the first batches (for resuming).
+    `shard` (rank, ranks): this rank's share of each batch (data parallel)."""
     epoch, n = 0, 0
+    rank, ranks = shard
     while True:
         for group in batch_order(examples, batch_size, seed + epoch):
             if n >= skip:
-                yield make_batch(examples, group)
+                share = group[rank::ranks]
+                if share:
+                    yield make_batch(examples, share)
+                else:  # a short last batch, fewer examples than ranks: this rank adds nothing to it
+                    tokens, weights = make_batch(examples, group[:1])
+                    yield tokens, mx.zeros_like(weights)
             n += 1
         epoch += 1

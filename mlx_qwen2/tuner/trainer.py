@@ -136,9 +136,13 @@ class Report:
 
 
 def make_step(
-    model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConfig
+    model: nn.Module, optimizer: optim.Optimizer, cfg: TrainConfig, group: mx.distributed.Group | None = None
 ) -> Callable[[Iterator], tuple[float, float]]:
-    """One optimizer step over `cfg.grad_accumulation` batches of an iterator; returns (mean loss, weighted tokens)."""
+    """One optimizer step over `cfg.grad_accumulation` batches of an iterator; returns (mean loss, weighted tokens).
+
+    With a `group` (data parallel), each rank's batches are its share of the global ones, and each batch's
+    loss and gradient are the token-weighted means over the ranks: what one process computes on the
+    global batch."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -147,6 +151,8 @@ def make_step(
         for _ in range(cfg.grad_accumulation):
             tokens, weights = next(data)
             (loss, n), g = value_and_grad(model, tokens, weights)
+            if group is not None:
+                (loss, n), g = _over_ranks(loss, n, g, group)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total, count = total + loss * n, count + n
         if cfg.grad_accumulation > 1:
@@ -158,6 +164,14 @@ def make_step(
         return float(total / mx.maximum(count, 1)), float(count)
 
     return step
+
+
+def _over_ranks(loss: mx.array, n: mx.array, grads: Any, group: mx.distributed.Group) -> tuple[tuple, Any]:
+    """Token-weighted means over the ranks of each rank's mean loss and gradient; the total token count."""
+    total = mx.distributed.all_sum(n, group=group)
+    loss = mx.distributed.all_sum(loss * n, group=group) / total
+    grads = tree_map(lambda g: mx.distributed.all_sum(g * n, group=group) / total, grads)
+    return (loss, total), grads
 
 
 class _Window:
@@ -200,13 +214,21 @@ def train(
     save: Callable[[int, bool], None],
     report: Callable[[Report], None] = lambda r: None,
     start_step: int = 0,
+    group: mx.distributed.Group | None = None,
 ) -> float | None:
-    """Train from `start_step` to cfg.iters; `save(step, is_best)` writes a checkpoint. Returns the best val loss."""
+    """Train from `start_step` to cfg.iters; `save(step, is_best)` writes a checkpoint. Returns the best val loss.
+
+    With a `group` of processes (data parallel), each takes its share of every batch (`batch_size` must
+    divide by the group's size); `save` and `report` are the caller's to call on one rank only."""
+    shard = (0, 1) if group is None else (group.rank(), group.size())
+    if cfg.batch_size % shard[1]:
+        raise UserError(f"--batch-size {cfg.batch_size} must divide by the number of ranks ({shard[1]}).")
     with wired_limit(model), gradient_checkpointing(model) if cfg.grad_checkpoint else nullcontext():
         mx.random.seed(cfg.seed + start_step)
-        step_once = make_step(model, optimizer, cfg)
+        step_once = make_step(model, optimizer, cfg, group)
         # The same batches in the same order whether or not the run was resumed.
-        data = training_batches(train_set, cfg.batch_size, cfg.seed, skip=start_step * cfg.grad_accumulation)
+        skip = start_step * cfg.grad_accumulation
+        data = training_batches(train_set, cfg.batch_size, cfg.seed, skip=skip, shard=shard)
         best, stale = math.inf, 0
         if val_set and start_step == 0:  # where training starts from, for comparison
             report(Report(0, val_loss=evaluate(model, val_set, cfg.batch_size, cfg.val_batches)))

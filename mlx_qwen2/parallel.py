@@ -1,0 +1,194 @@
+"""Shard a built model over a group of processes (`mx.distributed`): tensor parallel or pipeline parallel.
+
+Never inside a forward pass: the model's modules are replaced, before its weights are loaded, by ones of
+the local shapes that do their own communication.
+
+- Tensor parallel: each rank holds 1/N of every layer's attention heads (q, k, v rows; o_proj columns),
+  MLP and shared-expert width (gate and up rows, down columns) and of every expert's width; attention
+  and MLP outputs are summed over the ranks (`all_sum`, two per layer, of B x L x hidden). Replicated on
+  every rank: the embedding, the norms, the output layer, MoE routers and shared-expert gates.
+- Pipeline parallel: each rank holds a contiguous block of layers; hidden states go from rank to rank
+  (`send` / `recv`), and the last block's output is gathered to every rank, which applies the (replicated)
+  norm and output layer, so every rank samples the same tokens. Replicated: embedding, norm, output layer.
+
+Which slices a rank reads is `tensor_parallel_axis` (loader.py reads just those) or `pipeline_keys`.
+Knows nothing of files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+from .models import Model, ModelArgs, MoeArgs
+from .models.experts import SwitchGLU
+from .models.qwen2 import MLP, Attention, Qwen2Model
+from .models.qwen2_moe import SparseMoeBlock
+
+MODES = ("tensor", "pipeline")
+
+
+class _Summed:
+    """Mixed into a module whose output is a partial sum over the ranks: sums it."""
+
+    group: mx.distributed.Group
+
+    def __call__(self, *args: Any) -> mx.array:
+        return mx.distributed.all_sum(super().__call__(*args), group=self.group)
+
+
+class TensorParallelAttention(_Summed, Attention):
+    """Attention over this rank's heads; the output summed over the ranks."""
+
+
+class TensorParallelMLP(_Summed, MLP):
+    """A SwiGLU over this rank's columns; the output summed over the ranks."""
+
+
+class TensorParallelMoe(_Summed, SparseMoeBlock):
+    """Routing on every rank (replicated router), experts and shared expert over this rank's columns."""
+
+
+def _retyped(module: nn.Module, cls: type, **attrs: Any) -> nn.Module:
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    dict.update(new, module)
+    new.__dict__.update(attrs)
+    return new
+
+
+def check_tensor_parallel(args: ModelArgs, n: int) -> None:
+    """UserError unless every split width divides by the number of ranks."""
+    widths = {"num_key_value_heads": args.n_kv_heads, "num_attention_heads": args.num_attention_heads,
+              "intermediate_size": args.intermediate_size}  # fmt: skip
+    if isinstance(args, MoeArgs):
+        widths["moe_intermediate_size"] = args.moe_intermediate_size
+        widths["shared_expert_intermediate_size"] = args.shared_expert_intermediate_size
+    bad = [f"{k} ({v})" for k, v in widths.items() if v % n]
+    if bad:
+        raise UserError(
+            f"tensor parallel over {n} ranks needs widths that divide by {n}, and {', '.join(bad)} do not; "
+            "use --parallel pipeline (any layer count and head count), or another number of ranks."
+        )
+
+
+def shard_tensor_parallel(model: Model, group: mx.distributed.Group) -> None:
+    """In place: every layer's modules replaced by ones of this rank's shapes (fresh weights, to be loaded)."""
+    n = group.size()
+    args = model.args
+    check_tensor_parallel(args, n)
+    dim, head_dim = args.hidden_size, args.head_dim
+    for layer in model.layers:
+        a = layer.self_attn
+        heads, kv = a.n_heads // n, a.n_kv_heads // n
+        bias = args.attention_bias
+        new = {"q_proj": nn.Linear(dim, heads * head_dim, bias=bias), "k_proj": nn.Linear(dim, kv * head_dim, bias=bias),
+               "v_proj": nn.Linear(dim, kv * head_dim, bias=bias), "o_proj": nn.Linear(heads * head_dim, dim, bias=False)}  # fmt: skip
+        a.update_modules(new)
+        layer.self_attn = _retyped(a, TensorParallelAttention, n_heads=heads, n_kv_heads=kv, group=group)
+        m = layer.mlp
+        if isinstance(m, SparseMoeBlock):
+            m.switch_mlp = SwitchGLU(dim, args.moe_intermediate_size // n, args.num_experts)
+            m.shared_expert = MLP(dim, args.shared_expert_intermediate_size // n)
+            layer.mlp = _retyped(m, TensorParallelMoe, group=group)
+        else:
+            layer.mlp = _retyped(MLP(dim, args.intermediate_size // n), TensorParallelMLP, group=group)
+
+
+_ROWS = re.compile(
+    r"\.(self_attn\.[qkv]_proj|mlp\.(shared_expert\.)?(gate|up)_proj|mlp\.experts\.\d+\.(gate|up)_proj)\."
+)
+_COLUMNS = re.compile(r"\.(self_attn\.o_proj|mlp\.(shared_expert\.)?down_proj|mlp\.experts\.\d+\.down_proj)\.")
+
+
+def tensor_parallel_axis(key: str) -> int | None:
+    """The axis a checkpoint tensor is split along under tensor parallel, or None if every rank holds it all."""
+    if ".mlp.switch_mlp." in key:  # stacked experts (E, out, in)
+        return -1 if ".down_proj." in key else 1
+    if ".mlp.experts.gate_up_proj" in key or key.endswith(".mlp.experts.down_proj"):
+        raise UserError(
+            "this checkpoint holds its experts fused (transformers 5's in-memory layout), which tensor parallel "
+            "cannot split; convert it with python -m mlx_qwen2.convert first."
+        )
+    if _ROWS.search(key):
+        return 0
+    if _COLUMNS.search(key):
+        return -1
+    return None
+
+
+def stage_layers(num_layers: int, rank: int, n: int) -> range:
+    """The contiguous block of layers of pipeline stage `rank` (the first stages take the remainder)."""
+    if num_layers < n:
+        raise UserError(f"pipeline parallel over {n} ranks needs at least {n} layers; the model has {num_layers}.")
+    base, extra = divmod(num_layers, n)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+class PipelineQwen2Model(Qwen2Model):
+    """Runs this stage's layers: receives from the previous stage, sends to the next, gathers the last's."""
+
+    group: mx.distributed.Group
+
+    def run_layers(self, h: mx.array, mask: mx.array | str | None, cache: list | None) -> mx.array:
+        rank, n = self.group.rank(), self.group.size()
+        if rank > 0:
+            h = mx.distributed.recv_like(h, rank - 1, group=self.group)
+        h = super().run_layers(h, mask, cache)
+        if rank < n - 1:
+            h = mx.distributed.send(h, rank + 1, group=self.group)
+        out = mx.distributed.all_gather(h, group=self.group)[-h.shape[0] :]  # the last stage's output
+        # Evaluated here, so that the ranks' sends and receives happen in the order the forward passes were
+        # made: a pass left lazy while the next one is built would be overtaken by any evaluation in between
+        # (the CPU experts read their group sizes on the host), and the ranks would pair the wrong messages.
+        mx.eval(out)
+        return out
+
+
+def shard_pipeline(model: Model, group: mx.distributed.Group) -> Callable[[str], str | None]:
+    """In place: keep this rank's block of layers; returns checkpoint key -> this rank's key (None: not held)."""
+    block = stage_layers(len(model.layers), group.rank(), group.size())
+    model.model.layers = [model.model.layers[i] for i in block]
+    model.model = _retyped(model.model, PipelineQwen2Model, group=group)
+    pattern = re.compile(r"^model\.layers\.(\d+)\.")
+
+    def local_key(key: str) -> str | None:
+        m = pattern.match(key)
+        if not m:
+            return key
+        i = int(m.group(1))
+        return f"model.layers.{i - block.start}.{key[m.end() :]}" if i in block else None
+
+    return local_key
+
+
+def check_same_everywhere(group: mx.distributed.Group, *values: object) -> None:
+    """UserError on every rank unless all ranks were given the same values (model, settings)."""
+    digest = int(hashlib.sha256(repr(values).encode()).hexdigest()[:6], 16)  # 24 bits: exact in float32
+    seen = mx.distributed.all_gather(mx.array([digest], dtype=mx.float32), group=group)
+    if len(set(seen.tolist())) > 1:
+        raise UserError(
+            "the ranks were started with different models or settings; give every rank the same command "
+            "(mlx.launch runs one command everywhere)."
+        )
+
+
+def common_seed(group: mx.distributed.Group, seed: int | None) -> int:
+    """A sampling seed the same on every rank: the one given, or one drawn by rank 0."""
+    if seed is not None:
+        return seed
+    drawn = int.from_bytes(os.urandom(2), "little") if group.rank() == 0 else 0
+    return int(mx.distributed.all_sum(mx.array([drawn], dtype=mx.float32), group=group)[0])
+
+
+def barrier(group: mx.distributed.Group) -> None:
+    """Return on every rank only once all ranks have reached it."""
+    mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))

@@ -1,0 +1,175 @@
+"""Tensor and pipeline parallel against one process: 2 ranks on localhost (MLX's ring backend), bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen2.loader import load
+from mlx_qwen2.parallel import tensor_parallel_axis
+from tests.tiny import make_checkpoint, make_moe_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+IDS = [5, 17, 300, 42, 99, 7, 250, 11, 64, 3, 128, 77]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring ARGV` on localhost, on ports the system had free. Its exit status is
+    made non-zero when a rank failed (mlx.launch itself returns 0 then). Past `timeout` the launcher and
+    every rank are killed (they share a process group) and the test fails."""
+    launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    cmd = [*launcher, "-n", str(n), "--backend", "ring",
+           "--starting-port", str(free_port()), "--python", sys.executable, *argv]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"ranks still running after {timeout} s:\n{err[-3000:]}")
+    failed = re.search(r"rank \d+ exited with code (?!0\b)", err)
+    return subprocess.CompletedProcess(cmd, proc.returncode or int(bool(failed)), out, err)
+
+
+def run_ranks(model: Path, mode: str, tmp_path: Path, n: int = 2) -> list[dict]:
+    out = tmp_path / f"{mode}-out"
+    out.mkdir()
+    done = launch([str(ROOT / "tests" / "parallel_worker.py"), str(model), mode, str(out), json.dumps(IDS)], n)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+def single(model: Path) -> tuple[np.ndarray, list[int]]:
+    m, _ = load(model)
+    logits = np.array(m(mx.array([IDS]))[0])
+    seq = list(IDS)
+    for _ in range(8):
+        seq.append(int(np.array(m(mx.array([seq]))[0, -1]).argmax()))
+    return logits, seq[len(IDS) :]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("dense"), layers=3, intermediate=128)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return make_moe_checkpoint(tmp_path_factory.mktemp("moe"), decoder_sparse_step=2, seed=4)
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_two_ranks_compute_what_one_process_computes(kind, mode, request, tmp_path):
+    model = request.getfixturevalue(kind)
+    logits, tokens = single(model)
+    ranks = run_ranks(model, mode, tmp_path)
+    for r in ranks:  # every rank holds the same result
+        np.testing.assert_allclose(np.array(r["logits"]), logits, atol=1e-5, rtol=0)
+        assert r["tokens"] == tokens
+    if mode == "tensor":  # each rank half of the heads, all layers
+        assert [r["q_proj"][0] for r in ranks] == [32, 32] and [r["layers"] for r in ranks] == [
+            4 if kind == "moe" else 3
+        ] * 2
+    else:  # each rank its block of layers, all heads
+        assert sum(r["layers"] for r in ranks) == (4 if kind == "moe" else 3) and ranks[0]["q_proj"][0] == 64
+
+
+def test_each_rank_holds_its_share(dense, tmp_path):
+    """Tensor parallel: MLX's peak while loading is the replicated tensors plus half of the split ones
+    (within 5% and 64 KB); pipeline: its block of layers plus the replicated ones."""
+    weights = mx.load(str(dense / "model.safetensors"))
+    split = sum(w.nbytes for k, w in weights.items() if tensor_parallel_axis(k) is not None)
+    replicated = sum(w.nbytes for k, w in weights.items() if tensor_parallel_axis(k) is None)
+    for r in run_ranks(dense, "tensor", tmp_path):
+        expected = replicated + split / 2
+        assert abs(r["load_peak"] - expected) <= 0.05 * expected + 65536, (r["load_peak"], expected)
+        assert r["load_peak"] < 0.8 * (split + replicated)
+
+
+def by_hand(commands: list[list[str]], tmp_path: Path, timeout: float = 60, **env: str) -> list[tuple[int, str]]:
+    """Start one process per command as the ranks of a ring on localhost (a hostfile, no launcher); their
+    exit codes and stderr. Bounded: past `timeout` they are killed and the test fails."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in commands]))
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts), **env},
+        )  # fmt: skip
+        for r, cmd in enumerate(commands)
+    ]
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank was still running after {timeout} s")
+        results.append((p.returncode, err))
+    return results
+
+
+def generate_cmd(model: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "mlx_qwen2.generate", "--model", str(model), "--prompt", "Hi", *flags]
+
+
+def test_generate_under_mlx_launch_prints_once_what_one_process_prints(dense, tmp_path):
+    flags = ["--max-tokens", "12", "--no-chat-template", "--no-verbose"]
+    alone = subprocess.run(generate_cmd(dense, *flags), capture_output=True, text=True, cwd=ROOT, timeout=60)
+    for mode in ("tensor", "pipeline"):
+        launched = launch(
+            ["-m", "mlx_qwen2.generate", "--model", str(dense), "--prompt", "Hi", *flags, "--parallel", mode]
+        )
+        assert launched.returncode == 0, launched.stderr[-2000:]
+        assert launched.stdout == alone.stdout and alone.stdout.strip(), (launched.stdout, alone.stdout)
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line(dense, tmp_path):
+    dies = [sys.executable, "-c", "import os, mlx.core as mx; mx.distributed.init(); os._exit(3)"]
+    (rc0, err0), (rc1, _) = by_hand([generate_cmd(dense, "--max-tokens", "20000"), dies], tmp_path)
+    assert (rc0, rc1) == (1, 3)
+    assert err0.strip().splitlines()[-1].startswith("error: another rank of this run stopped"), err0[-500:]
+
+
+def test_a_rank_that_never_starts_is_a_timeout_not_a_hang(dense, tmp_path):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
+    env = {**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(hosts), "MLX_QWEN2_JOIN_TIMEOUT": "3"}
+    done = subprocess.run(generate_cmd(dense), capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert done.returncode != 0 and "not every rank of this run connected within 3 s" in done.stderr
+
+
+def test_ranks_given_different_models_refuse_to_start(dense, moe, tmp_path):
+    results = by_hand([generate_cmd(dense), generate_cmd(moe)], tmp_path)
+    for rc, err in results:
+        assert rc == 1 and "different models or settings" in err.strip().splitlines()[-1], err[-500:]
+
+
+def test_tensor_parallel_needs_divisible_widths(tmp_path):
+    model = make_checkpoint(tmp_path / "three-kv", heads=3, kv_heads=3, hidden=48, intermediate=96)
+    results = by_hand([generate_cmd(model), generate_cmd(model)], tmp_path)
+    for rc, err in results:
+        assert rc == 1 and "use --parallel pipeline" in err, err[-500:]
