@@ -51,6 +51,7 @@ LAYERS = {
         "writer",
         "gguf_import",
         "loader",
+        "parallel",
         "generation",
         "generation.settings",
         "generation.text",
