@@ -3,7 +3,8 @@
     python -m benchmarks.distributed [--models real moe] [--prompt 128] [--decode 32]
         [--link-gbps 40] [--link-latency-us 50]
 
-Two ranks here share two cores (and one memory bus), so no speed-up is expected; what this measures is
+Two ranks here share two cores (and one memory bus; each rank gets OpenBLAS threads for its share of
+the cores), so no speed-up is expected; what this measures is
 each rank's memory (MLX's peak while loading and while generating) and its speed, and it counts the bytes a
 rank sends per decoded token: tensor parallel, two all-reduces of the hidden state per layer (a ring
 all-reduce sends 2 (N - 1) / N of the data); pipeline, one hidden state per stage boundary plus the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,8 +36,9 @@ def run(folder: Path, mode: str, args: argparse.Namespace, port: int) -> list[di
         if mode == "single":
             cmd = [sys.executable, *worker]
         else:
-            cmd = [*LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
-                   *worker]  # fmt: skip
+            threads = f"OPENBLAS_NUM_THREADS={max(1, (os.cpu_count() or 2) // 2)}"  # the cores shared out
+            cmd = [*LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(port), "--env", threads,
+                   "--python", sys.executable, *worker]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=ROOT, timeout=args.timeout, capture_output=True)
         return [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
 
