@@ -215,7 +215,8 @@ def load(
             raise UserError(f"parallel must be one of {', '.join(MODES)}, got {parallel!r}.")
         check_same_everywhere(group, config, str(dtype), parallel, adapter_path is not None)
         if parallel == "tensor":
-            shard_tensor_parallel(model, group)
+            quantization = config.get("quantization") or config.get("quantization_config") or {}
+            shard_tensor_parallel(model, group, quantization.get("group_size"))
             shard = (tensor_parallel_axis, group.rank(), group.size())
         else:
             local_key = shard_pipeline(model, group)

@@ -64,11 +64,13 @@ def _retyped(module: nn.Module, cls: type, **attrs: Any) -> nn.Module:
     return new
 
 
-def check_tensor_parallel(args: ModelArgs, n: int) -> None:
-    """UserError unless every split width divides by the number of ranks."""
+def check_tensor_parallel(args: ModelArgs, n: int, group_size: int | None = None) -> None:
+    """UserError unless every split width divides by the number of ranks (and, quantized, into whole groups)."""
     widths = {"num_key_value_heads": args.n_kv_heads, "num_attention_heads": args.num_attention_heads,
               "intermediate_size": args.intermediate_size}  # fmt: skip
     if isinstance(args, MoeArgs):
+        if all(args.is_sparse(i) for i in range(args.num_hidden_layers)):
+            widths.pop("intermediate_size")  # no dense MLP to split
         widths["moe_intermediate_size"] = args.moe_intermediate_size
         widths["shared_expert_intermediate_size"] = args.shared_expert_intermediate_size
     bad = [f"{k} ({v})" for k, v in widths.items() if v % n]
@@ -77,13 +79,24 @@ def check_tensor_parallel(args: ModelArgs, n: int) -> None:
             f"tensor parallel over {n} ranks needs widths that divide by {n}, and {', '.join(bad)} do not; "
             "use --parallel pipeline (any layer count and head count), or another number of ranks."
         )
+    if group_size:  # a quantized checkpoint: each rank's share of an input dimension must be whole groups
+        inputs = {"attention width": args.num_attention_heads * args.head_dim, **widths}
+        inputs.pop("num_key_value_heads"), inputs.pop("num_attention_heads")
+        short = [f"{k} / {n} = {v // n}" for k, v in inputs.items() if (v // n) % group_size]
+        if short:
+            raise UserError(
+                f"tensor parallel over {n} ranks splits inputs into parts that are not whole quantization groups "
+                f"of {group_size} ({', '.join(short)}); use --parallel pipeline, or quantize with a smaller "
+                "--q-group-size."
+            )
 
 
-def shard_tensor_parallel(model: Model, group: mx.distributed.Group) -> None:
-    """In place: every layer's modules replaced by ones of this rank's shapes (fresh weights, to be loaded)."""
+def shard_tensor_parallel(model: Model, group: mx.distributed.Group, group_size: int | None = None) -> None:
+    """In place: every layer's modules replaced by ones of this rank's shapes (fresh weights, to be loaded).
+    `group_size`: the checkpoint's quantization group size, if it is quantized."""
     n = group.size()
     args = model.args
-    check_tensor_parallel(args, n)
+    check_tensor_parallel(args, n, group_size)
     dim, head_dim = args.hidden_size, args.head_dim
     for layer in model.layers:
         a = layer.self_attn

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
 from mlx_qwen2.parallel import tensor_parallel_axis
@@ -76,8 +77,24 @@ def moe(tmp_path_factory):
     return make_moe_checkpoint(tmp_path_factory.mktemp("moe"), decoder_sparse_step=2, seed=4)
 
 
+@pytest.fixture(scope="module")
+def dense_4bit(dense, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "q"
+    assert convert_main(["--hf-path", str(dense), "--mlx-path", str(out), "-q", "--q-group-size", "32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_4bit(tmp_path_factory):
+    """Expert width 64: half of it is 32, one whole quantization group."""
+    src = make_moe_checkpoint(tmp_path_factory.mktemp("moe64"), moe_intermediate=64, seed=5)
+    out = tmp_path_factory.mktemp("moeq") / "q"
+    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-group-size", "32"]) == 0
+    return out
+
+
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "dense_4bit", "moe_4bit"])
 def test_two_ranks_compute_what_one_process_computes(kind, mode, request, tmp_path):
     model = request.getfixturevalue(kind)
     logits, tokens = single(model)
@@ -87,10 +104,10 @@ def test_two_ranks_compute_what_one_process_computes(kind, mode, request, tmp_pa
         assert r["tokens"] == tokens
     if mode == "tensor":  # each rank half of the heads, all layers
         assert [r["q_proj"][0] for r in ranks] == [32, 32] and [r["layers"] for r in ranks] == [
-            4 if kind == "moe" else 3
+            4 if kind.startswith("moe") else 3
         ] * 2
     else:  # each rank its block of layers, all heads
-        assert sum(r["layers"] for r in ranks) == (4 if kind == "moe" else 3) and ranks[0]["q_proj"][0] == 64
+        assert sum(r["layers"] for r in ranks) == (4 if kind.startswith("moe") else 3) and ranks[0]["q_proj"][0] == 64
 
 
 def test_each_rank_holds_its_share(dense, tmp_path):
@@ -169,8 +186,13 @@ def test_ranks_given_different_models_refuse_to_start(dense, moe, tmp_path):
         assert rc == 1 and "different models or settings" in err.strip().splitlines()[-1], err[-500:]
 
 
-def test_tensor_parallel_needs_divisible_widths(tmp_path):
-    model = make_checkpoint(tmp_path / "three-kv", heads=3, kv_heads=3, hidden=48, intermediate=96)
+@pytest.mark.parametrize("case", ["three-kv-heads", "half-a-group"])
+def test_tensor_parallel_needs_divisible_widths(case, dense, tmp_path):
+    if case == "three-kv-heads":
+        model = make_checkpoint(tmp_path / "three-kv", heads=3, kv_heads=3, hidden=48, intermediate=96)
+    else:  # intermediate 128 / 2 = 64 is one group of 64, but o_proj's 64 / 2 = 32 is half a group
+        model = tmp_path / "q64"
+        assert convert_main(["--hf-path", str(dense), "--mlx-path", str(model), "-q", "--q-group-size", "64"]) == 0
     results = by_hand([generate_cmd(model), generate_cmd(model)], tmp_path)
     for rc, err in results:
         assert rc == 1 and "use --parallel pipeline" in err, err[-500:]
