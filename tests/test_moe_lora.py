@@ -12,7 +12,6 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.fuse import main as fuse_main
 from mlx_qwen2.loader import load
@@ -27,7 +26,7 @@ from mlx_qwen2.tuner.adapters import (
 )
 from tests import test_lora as lora_tests
 from tests.test_lora import write_data
-from tests.tiny import make_moe_checkpoint
+from tests.tiny import make_moe_checkpoint, quantized_copy
 
 IDS = mx.array([[3, 99, 250, 17, 400, 8, 61, 5, 77, 123, 45, 311, 2, 90, 167, 222, 14, 480, 36, 71]])
 ALL = None  # apply_adapters' default keys
@@ -42,9 +41,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qbase(base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe_q") / "q"
-    assert convert_main(["--hf-path", str(base), "--mlx-path", str(out), "-q", "--q-group-size", "32"]) == 0
-    return out
+    return quantized_copy(base, tmp_path_factory.mktemp("moe_q") / "q")
 
 
 def perturb(model: nn.Module, seed: int = 0) -> None:

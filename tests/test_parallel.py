@@ -19,7 +19,7 @@ from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
 from mlx_qwen2.parallel import tensor_parallel_axis
-from tests.tiny import make_checkpoint, make_moe_checkpoint
+from tests.tiny import make_checkpoint, make_moe_checkpoint, quantized_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = [5, 17, 300, 42, 99, 7, 250, 11, 64, 3, 128, 77]
@@ -79,18 +79,14 @@ def moe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense_4bit(dense, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "q"
-    assert convert_main(["--hf-path", str(dense), "--mlx-path", str(out), "-q", "--q-group-size", "32"]) == 0
-    return out
+    return quantized_copy(dense, tmp_path_factory.mktemp("q") / "q")
 
 
 @pytest.fixture(scope="module")
 def moe_4bit(tmp_path_factory):
     """Expert width 64: half of it is 32, one whole quantization group."""
     src = make_moe_checkpoint(tmp_path_factory.mktemp("moe64"), moe_intermediate=64, seed=5)
-    out = tmp_path_factory.mktemp("moeq") / "q"
-    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-group-size", "32"]) == 0
-    return out
+    return quantized_copy(src, tmp_path_factory.mktemp("moeq") / "q")
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])

@@ -24,6 +24,7 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
+from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.gguf_import import qwen2_tokenizer
 
 QWEN2_CHAT_TEMPLATE = (
@@ -161,6 +162,12 @@ def make_moe_checkpoint(
             elif name.endswith("_proj.bias"):
                 p.normal_(0, 0.5)
     return _save(model, folder, tok)
+
+
+def quantized_copy(src: Path, out: Path) -> Path:
+    """`src` converted to 4 bits, group size 32 (the tiny widths are multiples of 32, not of 64)."""
+    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-group-size", "32"]) == 0
+    return out
 
 
 def hf_model(folder: Path) -> PreTrainedModel:
