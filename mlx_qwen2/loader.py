@@ -159,7 +159,7 @@ def _with_weights(
     `local_key` are a tensor-parallel rank's part of each tensor, and a pipeline stage's keys (see parallel)."""
     weights = load_weights(folder, shard)
     if local_key is not None:
-        weights = {local_key(k): w for k, w in weights.items() if local_key(k) is not None}
+        weights = {local: w for k, w in weights.items() if (local := local_key(k)) is not None}
     weights = model.sanitize(weights)
     apply_quantization(model, config, weights)
     if dtype is not None:
@@ -213,7 +213,11 @@ def load(
     if group is not None and group.size() > 1:
         if parallel not in MODES:
             raise UserError(f"parallel must be one of {', '.join(MODES)}, got {parallel!r}.")
-        check_same_everywhere(group, config, str(dtype), parallel, adapter_path is not None)
+        if adapter_path is not None:
+            raise UserError(
+                "adapters are not applied across ranks; fuse them into the model first (python -m mlx_qwen2.fuse)."
+            )
+        check_same_everywhere(group, config, str(dtype), parallel)
         if parallel == "tensor":
             quantization = config.get("quantization") or config.get("quantization_config") or {}
             shard_tensor_parallel(model, group, quantization.get("group_size"))
