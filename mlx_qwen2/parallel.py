@@ -18,6 +18,7 @@ Knows nothing of files.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable
@@ -205,3 +206,13 @@ def common_seed(group: mx.distributed.Group, seed: int | None) -> int:
 def barrier(group: mx.distributed.Group) -> None:
     """Return on every rank only once all ranks have reached it."""
     mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
+
+
+def share_json(group: mx.distributed.Group, value: Any) -> Any:
+    """Rank 0's `value` (JSON-serialisable) on every rank; the others pass None. Two all_sums: the length,
+    then the bytes (every rank but 0 adds zeros)."""
+    data = json.dumps(value).encode() if group.rank() == 0 else b""
+    size = int(mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group)[0])
+    mine = mx.array(list(data), dtype=mx.int32) if data else mx.zeros((size,), dtype=mx.int32)
+    shared = mx.distributed.all_sum(mine, group=group) if size else mx.zeros((0,), dtype=mx.int32)
+    return json.loads(bytes(shared.astype(mx.uint8).tolist()).decode())

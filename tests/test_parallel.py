@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -9,12 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_qwen2 import stream_generate
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
@@ -234,3 +238,39 @@ def test_tensor_parallel_real_model_gives_the_single_process_text(real_folder):
     launched = launch(["-m", "mlx_qwen2.generate", "--model", str(real_folder), *flags], timeout=300)
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout == alone.stdout and "def" in alone.stdout, (launched.stdout, alone.stdout)
+
+
+def test_the_server_across_ranks_answers_as_one_process(dense, tmp_path):
+    """Rank 0 serves HTTP, rank 1 takes the same engine steps (tensor parallel): greedy and seeded sampled
+    completions, two at once, equal one process's; SIGTERM stops both ranks."""
+    launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    cmd = [*launcher, "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--python",
+           sys.executable, "-m", "mlx_qwen2.server", "--model", str(dense), "--port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            m = re.search(r"serving .* on (http://[\d.]+:\d+)", line)
+            url = m.group(1) if m else None
+        assert url, "the server did not start"
+        model, tok = load(dense)
+        asks = [("Hello", {"temperature": 0}), ("def add(a, b):", {"temperature": 0.8, "seed": 7})]
+        expected = [
+            "".join(r.text for r in stream_generate(model, tok, tok.encode(p), max_tokens=16, temp=s["temperature"],
+                                                    seed=s.get("seed")))
+            for p, s in asks
+        ]  # fmt: skip
+
+        async def both() -> list[str]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                bodies = [{"model": str(dense), "prompt": p, "max_tokens": 16, **s} for p, s in asks]
+                replies = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+                return [r.json()["choices"][0]["text"] for r in replies]
+
+        assert asyncio.run(both()) == expected
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

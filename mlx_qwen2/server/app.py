@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+import mlx.core as mx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -22,7 +23,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 
 from ..cache.prefix import PrefixCache
-from ..generation.batch import Engine
+from ..generation.batch import Engine, Request
 from ..generation.grammar import Grammars
 from ..generation.speculative import SpeculativeConfig
 from ..models import Model
@@ -31,14 +32,39 @@ from . import schema
 from .completions import chat, complete
 from .guard import Guard
 from .metrics import CONTENT_TYPE, Metrics
-from .plan import Served, check_token_ids
-from .runner import EngineRunner
+from .plan import Served, Spec, check_token_ids, request_of
+from .runner import EngineRunner, follow
 from .schema import ApiError
 from .settings import ServerSettings
 from .tools import template_messages
 
 log = logging.getLogger("mlx_qwen2.server")
 T = TypeVar("T", bound=BaseModel)
+
+
+def engine_parts(
+    model: Model, tokenizer: Tokenizer, settings: ServerSettings, draft: Model | None = None
+) -> tuple[Callable[[], Engine], Callable[[Any], Request], Grammars]:
+    """A fresh engine (with the server's prefix cache), a request spec (or its JSON) -> its Request, and the
+    grammars the specs' constrained output compiles with."""
+    prefix = None
+    if settings.prefix_cache_entries:
+        prefix = PrefixCache(settings.prefix_cache_entries, int(settings.prefix_cache_gb * 1e9))
+    grammars = Grammars(tokenizer, model.args.vocab_size)
+
+    def make_engine() -> Engine:
+        return Engine(model, tokenizer, settings.max_concurrency, prefix_cache=prefix, draft=draft)
+
+    def build(spec: Spec | dict[str, Any]) -> Request:
+        return request_of(grammars, spec if isinstance(spec, Spec) else Spec.from_json(spec))
+
+    return make_engine, build, grammars
+
+
+def follow_engine(model: Model, tokenizer: Tokenizer, settings: ServerSettings, group: mx.distributed.Group) -> None:
+    """A rank other than 0 of a server split over processes: take rank 0's engine steps until it stops."""
+    make_engine, build, _ = engine_parts(model, tokenizer, settings)
+    follow(make_engine, build, group)
 
 
 def create_app(
@@ -48,19 +74,14 @@ def create_app(
     model_id: str,
     draft: Model | None = None,
     speculative: SpeculativeConfig | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread. `draft` and `speculative` are the
-    speculative decoding every request gets by default (while it runs alone)."""
-    prefix = None
-    if settings.prefix_cache_entries:
-        prefix = PrefixCache(settings.prefix_cache_entries, int(settings.prefix_cache_gb * 1e9))
-
-    def make_engine() -> Engine:
-        return Engine(model, tokenizer, settings.max_concurrency, prefix_cache=prefix, draft=draft)
-
-    runner = EngineRunner(make_engine, settings.max_concurrency + settings.max_queue)
+    speculative decoding every request gets by default (while it runs alone). With a `group` (the model
+    split over processes), the other ranks run `follow_engine`."""
+    make_engine, build, grammars = engine_parts(model, tokenizer, settings, draft)
+    runner = EngineRunner(make_engine, settings.max_concurrency + settings.max_queue, build, group)
     metrics = Metrics(runner)
-    grammars = Grammars(tokenizer, model.args.vocab_size)
     served = Served(model, tokenizer, runner, grammars, settings, metrics, model_id, speculative, draft is not None)
 
     @contextlib.asynccontextmanager

@@ -13,10 +13,10 @@ from typing import Any
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..generation.batch import Event, Request
+from ..generation.batch import Event
 from ..tokenizer import Tokenizer
 from . import schema
-from .plan import Served, chat_prompt, completion_prompt, plan, response_grammar
+from .plan import Served, Spec, chat_prompt, completion_prompt, plan, response_grammar
 from .runner import QueueFull
 from .schema import ApiError
 from .tools import ToolCallParser
@@ -25,7 +25,7 @@ from .tools import ToolCallParser
 class Generation:
     """The events of one request's sequences, in order; a tick (None) every `keepalive` seconds of silence."""
 
-    def __init__(self, served: Served, requests: list[Request], arrived: float):
+    def __init__(self, served: Served, requests: list[Spec], arrived: float):
         self.served, self.arrived = served, arrived
         self.index = {r.id: i for i, r in enumerate(requests)}
         self.open = set(self.index)

@@ -12,11 +12,12 @@ from typing import Any
 
 import uvicorn
 
-from ..cli import add_dataclass_args, blas_hint, from_args, report_errors
+from ..cli import add_dataclass_args, blas_hint, from_args, join_group, report_errors
 from ..errors import UserError
 from ..generation.speculative import SpeculativeConfig
 from ..loader import DTYPES, load, load_draft, resolve_path
-from .app import create_app
+from ..parallel import MODES, barrier
+from .app import create_app, follow_engine
 from .settings import ServerSettings
 
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="server log level"
+    )
+    p.add_argument(
+        "--parallel", choices=MODES, default="tensor", help="under mlx.launch: tensor or pipeline (default: tensor)"
     )
     add_dataclass_args(p, ServerSettings)
     add_dataclass_args(p, SpeculativeConfig)
@@ -60,10 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     blas_hint()
     speculative = from_args(SpeculativeConfig, args)
-    model, tokenizer = load(resolve_path(args.model), dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast)
+    group = join_group()
+    if group is not None and speculative.enabled:
+        raise UserError("speculative decoding is not available across ranks (mlx.launch); drop its flags.")
+    folder = resolve_path(args.model)
+    model, tokenizer = load(
+        folder, dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast, group=group, parallel=args.parallel
+    )
+    if group is not None and group.rank() != 0:  # rank 0 serves HTTP; this rank takes its engine's steps
+        follow_engine(model, tokenizer, settings, group)
+        barrier(group)
+        return 0
     draft = load_draft(speculative.draft_model, tokenizer, args.dtype, args.fast)
     name = settings.served_model_name or args.model
-    app = create_app(model, tokenizer, settings, name, draft, speculative if speculative.enabled else None)
+    app = create_app(model, tokenizer, settings, name, draft, speculative if speculative.enabled else None, group)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -79,4 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"could not listen on {settings.host}:{settings.port}; is the port in use? (exit {e.code})"
         ) from e
+    if group is not None:
+        barrier(group)  # the others have stopped with the engine (see generate)
     return 0

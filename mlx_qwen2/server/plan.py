@@ -5,7 +5,9 @@ Also what the routes share (`Served`). Knows nothing of streaming or of response
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +57,50 @@ class Served:
 _ids = itertools.count()
 
 
+@dataclass
+class Spec:
+    """An engine request as data: what a rank that follows rank 0 (several processes) needs to build the
+    same `Request` (the logits processors are built from their inputs, by `request_of`)."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    id: tuple[str, int]
+    logprobs: int | None = None
+    speculative: SpeculativeConfig | None = None
+    bias: dict[int, float] | None = None
+    penalties: tuple[float, float] | None = None  # presence, frequency
+    grammar: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["bias"] = None if self.bias is None else [[k, v] for k, v in self.bias.items()]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Spec:
+        config = GenerationConfig(**d["config"])
+        speculative = None if d["speculative"] is None else SpeculativeConfig(**d["speculative"])
+        bias = None if d["bias"] is None else {int(k): v for k, v in d["bias"]}
+        penalties = None if d["penalties"] is None else tuple(d["penalties"])
+        return cls(d["prompt"], config, tuple(d["id"]), d["logprobs"], speculative, bias, penalties, d["grammar"])
+
+
+def request_of(grammars: Grammars, spec: Spec) -> Request:
+    """The engine request a spec describes, its processors built fresh."""
+    processors: list[LogitsProcessor] = []
+    n = len(spec.prompt)
+    if spec.bias:
+        processors.append(logit_bias_processor(spec.bias))
+    if spec.penalties is not None:
+        processors.append(penalty_processor(*spec.penalties, n))
+    if spec.grammar is not None:
+        processors.append(grammars.processor(spec.grammar, n))
+    return Request(list(spec.prompt), spec.config, spec.id, processors, spec.logprobs, spec.speculative)
+
+
 def plan(
     served: Served, ids: list[int], body: schema._Sampling, grammar: str | None, logprobs: int | None, param: str
-) -> list[Request]:
+) -> list[Spec]:
     """One engine request per choice, with the body's settings; ApiError for what cannot be served."""
     context = served.model.args.context_length
     try:
@@ -69,8 +112,14 @@ def plan(
     wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
     bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
     speculative = _speculative(served, body, constrained=grammar is not None)
-    requests = []
+    penalties = (
+        (body.presence_penalty, body.frequency_penalty) if body.presence_penalty or body.frequency_penalty else None
+    )
+    specs = []
     for i in range(body.n):
+        seed = None if body.seed is None else body.seed + i
+        if seed is None and served.runner.group is not None:  # every rank must draw the same tokens
+            seed = random.getrandbits(63)
         config = GenerationConfig(
             max_tokens=min(wanted, context - len(ids)),
             temp=body.temperature,
@@ -78,18 +127,13 @@ def plan(
             top_k=max(body.top_k, 0),
             min_p=body.min_p,
             repetition_penalty=body.repetition_penalty,
-            seed=None if body.seed is None else body.seed + i,
+            seed=seed,
             stop=body.stops(),
         )
-        processors: list[LogitsProcessor] = []
-        if bias:
-            processors.append(logit_bias_processor(bias))
-        if body.presence_penalty or body.frequency_penalty:
-            processors.append(penalty_processor(body.presence_penalty, body.frequency_penalty, len(ids)))
-        if grammar is not None:
-            processors.append(served.grammars.processor(grammar, len(ids)))
-        requests.append(Request(list(ids), config, ("r", next(_ids)), processors, logprobs, speculative))
-    return requests
+        specs.append(
+            Spec(list(ids), config, ("r", next(_ids)), logprobs, speculative, bias or None, penalties, grammar)
+        )
+    return specs
 
 
 def _speculative(served: Served, body: schema._Sampling, constrained: bool) -> SpeculativeConfig | None:

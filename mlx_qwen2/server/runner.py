@@ -1,5 +1,9 @@
 """The engine on a thread of its own, fed from asyncio: requests go in through an inbox, events come back on
 each request's asyncio queue. The engine itself stays single-threaded and knows nothing of this.
+
+Across ranks (a model split over processes, see parallel.py) every rank runs the same engine: rank 0's
+runner sends each batch of inbox operations (requests as specs, cancellations) to the others before
+applying it, and `follow` applies them on the other ranks, so every engine takes the same steps.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..generation.batch import Engine, Event, Request
+from ..parallel import share_json
 
 log = logging.getLogger("mlx_qwen2.server")
 
@@ -23,16 +28,25 @@ class QueueFull(Exception):
 class EngineRunner:
     """Run `engine` on a thread; at most `capacity` sequences running or waiting at once."""
 
-    def __init__(self, make_engine: Callable[[], Engine], capacity: int):
+    def __init__(
+        self,
+        make_engine: Callable[[], Engine],
+        capacity: int,
+        build: Callable[[Any], Request],
+        group: Any = None,
+    ):
         self.make_engine = make_engine
         self.engine = make_engine()
         self.capacity = capacity
+        self.build = build  # a request spec -> the engine's Request
+        self.group = group  # with other ranks: the mx.distributed group they follow over
         self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._outputs: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event | BaseException]]] = {}
         self._lock = threading.Lock()
         self._active = 0  # sequences submitted and not yet finished or cancelled
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._sent: list[list[Any]] = []  # the operations applied since the other ranks last heard
         self.on_step: Callable[[Engine], None] | None = None
 
     @property
@@ -50,8 +64,9 @@ class EngineRunner:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, requests: list[Request], output: asyncio.Queue[Event | BaseException]) -> None:
-        """Queue these sequences (all or none); their events go to `output`. QueueFull when there is no room."""
+    def submit(self, requests: list[Any], output: asyncio.Queue[Event | BaseException]) -> None:
+        """Queue these sequences (specs: all or none); their events go to `output`. QueueFull when there is
+        no room."""
         with self._lock:
             if self._active + len(requests) > self.capacity:
                 raise QueueFull(f"{self._active} sequences running or waiting, at most {self.capacity}")
@@ -68,6 +83,9 @@ class EngineRunner:
     def _loop(self) -> None:
         while True:
             self._drain(block=not self.engine.busy)
+            if self.group is not None:  # the other ranks take this step too
+                share_json(self.group, {"stop": self._stopping.is_set(), "ops": self._sent})
+                self._sent = []
             if self._stopping.is_set():
                 self._fail_all(asyncio.CancelledError("the server is shutting down"))
                 log.info("engine stopped")
@@ -94,8 +112,10 @@ class EngineRunner:
         while True:
             kind, value, output = item
             if kind == "add":
-                self._add(value, output)
+                self._sent.append(["add", value.to_json()])
+                self._add(self.build(value), output)
             elif kind == "cancel" and value in self._outputs:
+                self._sent.append(["cancel", list(value)])
                 self.engine.cancel(value)
                 self._finished(value)
             try:
@@ -136,3 +156,27 @@ class EngineRunner:
             self._put(id_, error)
             self._finished(id_)
         self.engine = self.make_engine() if not self._stopping.is_set() else self.engine
+
+
+def follow(make_engine: Callable[[], Engine], build: Callable[[dict[str, Any]], Request], group: Any) -> None:
+    """On a rank other than 0: apply rank 0's operations and take the same engine steps, until it stops."""
+    engine = make_engine()
+    while True:
+        batch = share_json(group, None)
+        for kind, value in batch["ops"]:
+            if kind == "cancel":
+                engine.cancel(tuple(value))
+                continue
+            try:
+                engine.add(build(value))
+            except Exception:  # as on rank 0, which reports it to the client
+                log.exception("adding a request failed")
+        if batch["stop"]:
+            log.info("engine stopped")
+            return
+        if engine.busy:
+            try:
+                engine.step()
+            except Exception:  # rank 0 fails the same step and starts a fresh engine: so does this one
+                log.exception("engine step failed")
+                engine = make_engine()
