@@ -29,6 +29,7 @@ import mlx.nn as nn
 
 from .errors import UserError
 from .models import Model, ModelArgs, MoeArgs
+from .models.base import retyped
 from .models.experts import SwitchGLU
 from .models.qwen2 import MLP, Attention, Qwen2Model
 from .models.qwen2_moe import SparseMoeBlock
@@ -55,14 +56,6 @@ class TensorParallelMLP(_Summed, MLP):
 
 class TensorParallelMoe(_Summed, SparseMoeBlock):
     """Routing on every rank (replicated router), experts and shared expert over this rank's columns."""
-
-
-def _retyped(module: nn.Module, cls: type, **attrs: Any) -> nn.Module:
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    dict.update(new, module)
-    new.__dict__.update(attrs)
-    return new
 
 
 def check_tensor_parallel(args: ModelArgs, n: int, group_size: int | None = None) -> None:
@@ -106,14 +99,14 @@ def shard_tensor_parallel(model: Model, group: mx.distributed.Group, group_size:
         new = {"q_proj": nn.Linear(dim, heads * head_dim, bias=bias), "k_proj": nn.Linear(dim, kv * head_dim, bias=bias),
                "v_proj": nn.Linear(dim, kv * head_dim, bias=bias), "o_proj": nn.Linear(heads * head_dim, dim, bias=False)}  # fmt: skip
         a.update_modules(new)
-        layer.self_attn = _retyped(a, TensorParallelAttention, n_heads=heads, n_kv_heads=kv, group=group)
+        layer.self_attn = retyped(a, TensorParallelAttention, n_heads=heads, n_kv_heads=kv, group=group)
         m = layer.mlp
         if isinstance(m, SparseMoeBlock):
             m.switch_mlp = SwitchGLU(dim, args.moe_intermediate_size // n, args.num_experts)
             m.shared_expert = MLP(dim, args.shared_expert_intermediate_size // n)
-            layer.mlp = _retyped(m, TensorParallelMoe, group=group)
+            layer.mlp = retyped(m, TensorParallelMoe, group=group)
         else:
-            layer.mlp = _retyped(MLP(dim, args.intermediate_size // n), TensorParallelMLP, group=group)
+            layer.mlp = retyped(MLP(dim, args.intermediate_size // n), TensorParallelMLP, group=group)
 
 
 _ROWS = re.compile(
@@ -171,7 +164,7 @@ def shard_pipeline(model: Model, group: mx.distributed.Group) -> Callable[[str],
     """In place: keep this rank's block of layers; returns checkpoint key -> this rank's key (None: not held)."""
     block = stage_layers(len(model.layers), group.rank(), group.size())
     model.model.layers = [model.model.layers[i] for i in block]
-    model.model = _retyped(model.model, PipelineQwen2Model, group=group)
+    model.model = retyped(model.model, PipelineQwen2Model, group=group)
     pattern = re.compile(r"^model\.layers\.(\d+)\.")
 
     def local_key(key: str) -> str | None:

@@ -11,10 +11,21 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Protocol
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..errors import UserError, check_types
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+
+
+def retyped(module: nn.Module, cls: type, **attrs: Any) -> nn.Module:
+    """The same module (its parameters, children and settings, plus `attrs`) as an instance of `cls`: a
+    class that computes the same function another way (backends) or over a share of it (parallel)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)  # settings: group_size, bits, frozen state, ...
+    dict.update(new, module)  # parameters and children (a Module is a dict of them): saving is unchanged
+    new.__dict__.update(attrs)
+    return new
 
 
 class Cache(Protocol):

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ...models.base import retyped
 from ...models.experts import SwitchGLU
 from .experts import GroupingSwitchGLU
 from .layers import DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
@@ -19,13 +20,6 @@ _SWAPS = {
 }
 
 
-def _swap(module: nn.Module) -> nn.Module:
-    fast = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
-    fast.__dict__.update(module.__dict__)  # settings: group_size, bits, frozen state
-    dict.update(fast, module)  # parameters (a Module is a dict of them): same keys, so saving is unchanged
-    return fast
-
-
 def _wanted(module: nn.Module) -> bool:
     return type(module) in _SWAPS
 
@@ -35,7 +29,7 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
     device = device or mx.default_device()
     if device.type != mx.cpu:
         return 0
-    swaps = [(path, _swap(m)) for path, m in model.named_modules() if _wanted(m)]
+    swaps = [(path, retyped(m, _SWAPS[type(m)])) for path, m in model.named_modules() if _wanted(m)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
