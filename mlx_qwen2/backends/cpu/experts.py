@@ -76,20 +76,17 @@ def _upcast_chosen(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.
     return y.reshape(*indices.shape, x.shape[-1])
 
 
-def _expert_floats(projections: tuple[nn.Module, ...]) -> tuple[tuple[mx.array, ...], Callable]:
-    """The experts' stacked parameters, and (one expert's params) -> its float32 (gate, up, down)."""
-    first = projections[0]
-    if isinstance(first, QuantizedSwitchLinear):
-        group, bits = first.group_size, first.bits
+def _expert_floats(projections: tuple[nn.Module, ...]) -> list[Callable[[int, mx.array], mx.array]]:
+    """For each projection, (expert, after) -> that expert's float32 matrix, made only once `after` is."""
 
-        def dequantized(*ps: mx.array) -> tuple[mx.array, ...]:
-            return tuple(dequantize(*ps[i : i + 3], group, bits, dtype=F32) for i in (0, 3, 6))
+    def one(p: nn.Module) -> Callable[[int, mx.array], mx.array]:
+        if isinstance(p, QuantizedSwitchLinear):
+            return lambda e, after: dequantize(
+                *mx.depends([p.weight[e], p.scales[e], p.biases[e]], after), p.group_size, p.bits, dtype=F32
+            )
+        return lambda e, after: mx.depends([p.weight[e]], after)[0].astype(F32)  # no copy if float32
 
-        return tuple(a for p in projections for a in (p.weight, p.scales, p.biases)), dequantized
-    weights = tuple(p.weight for p in projections)
-    if _is_16_bit(first.weight):
-        return weights, lambda *ps: tuple(p.astype(F32) for p in ps)
-    return weights, lambda *ps: ps
+    return [one(p) for p in projections]
 
 
 def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array) -> mx.array:
@@ -104,14 +101,15 @@ def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array)
     counts = np.bincount(np.array(flat), minlength=num_experts)  # host sync: the group sizes
     ends = np.cumsum(counts)
     rows = x.reshape(-1, dim)[order // k]  # (P, D), sorted by expert
-    params, floats = _expert_floats(projections)
+    gate, up, down = _expert_floats(projections)
     outs, previous = [], rows
-    for e in np.flatnonzero(counts):
-        # Each expert's weights (or its float32 copy) wait for the previous expert's product: one expert's
-        # temporaries at a time (left free to run side by side, MLX held ~4% of the weights' bytes more).
-        gate, up, down = floats(*mx.depends([p[int(e)] for p in params], previous))
+    for e in map(int, np.flatnonzero(counts)):
+        # Each expert's weights (or float32 copies) wait for the previous product, down_proj's for gate and
+        # up's: a few matrices' temporaries at a time (left free to run side by side, MLX held ~4% of the
+        # weights' bytes more in float32, and more for copies).
         r = rows[int(ends[e] - counts[e]) : int(ends[e])]
-        previous = (nn.silu(r @ gate.T) * (r @ up.T)) @ down.T
+        h = nn.silu(r @ gate(e, previous).T) * (r @ up(e, previous).T)
+        previous = h @ down(e, h).T
         outs.append(previous)
     y = mx.concatenate(outs)  # sorted order: every pair is in one group
     return y[mx.argsort(order)].reshape(*indices.shape, dim)
