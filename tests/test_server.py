@@ -149,6 +149,29 @@ def test_completions_stop_and_echo(client, local, tiny_untied):
     assert r.choices[0].text.startswith("The quick brown fox")
 
 
+def test_completions_of_several_prompts(client, local, tiny_untied):
+    """A list of prompts: choice i * n + j is prompt i's j-th; usage counts each prompt once; echo and
+    streaming per prompt."""
+    tokenizer = local[1]
+    prompts = ["The quick brown fox", "def add(a, b):"]
+    expected = [greedy(local, tokenizer.encode(p), 12)[0] for p in prompts]
+    r = client.completions.create(model=str(tiny_untied), prompt=prompts, n=2, max_tokens=12, temperature=0, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [p + e for p, e in zip(prompts, expected) for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert (
+        r.usage.completion_tokens == sum(len(tokenizer.encode(e)) for e in expected) * 2
+        or r.usage.completion_tokens == 48
+    )
+    ids = [tokenizer.encode(p) for p in prompts]  # token-id prompts, streamed
+    stream = client.completions.create(model=str(tiny_untied), prompt=ids, max_tokens=12, temperature=0, stream=True)
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == expected
+
+
 def test_seed_reproduces_a_sampled_reply(client, tiny_untied):
     def sample(seed: int) -> str:
         r = ask(
@@ -477,7 +500,7 @@ BAD = [
     ),
     ("prompt over the context", "/v1/completions", {"prompt": "fox " * 2000}, 400, "prompt"),
     ("prompt token out of vocabulary", "/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt"),
-    ("several prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("prompts x n past max_n", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 3}, 400, "prompt"),
     ("suffix", "/v1/completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
     ("detokenize out of vocabulary", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
     ("tokenize neither", "/tokenize", {}, 400, "prompt"),

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..generation.batch import Event
 from ..tokenizer import Tokenizer
 from . import schema
-from .plan import Served, Spec, chat_prompt, completion_prompt, plan, response_grammar
+from .plan import Served, Spec, chat_prompt, completion_prompts, plan, response_grammar
 from .runner import QueueFull
 from .schema import ApiError
 from .tools import ToolCallParser
@@ -122,18 +122,23 @@ def _token_logprob(
     return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
 
 
-def _totals(choices: list[Choice]) -> dict[str, Any]:
+def _totals(choices: list[Choice], n: int) -> dict[str, Any]:
+    """Usage of a request's choices: each prompt (every n-th choice starts one) counted once."""
     speculative = None
     if any(c.speculative for c in choices):
         speculative = {
             k: sum((c.speculative or {}).get(k, 0) for c in choices)
             for k in ("proposed_tokens", "accepted_tokens", "target_passes")
         }
-    return schema.usage(choices[0].prompt, sum(c.generated for c in choices), choices[0].cached, speculative)
+    firsts = choices[::n]
+    prompt, cached = sum(c.prompt for c in firsts), sum(c.cached for c in firsts)
+    return schema.usage(prompt, sum(c.generated for c in choices), cached, speculative)
 
 
-def _record(served: Served, http: HttpRequest, choices: list[Choice]) -> None:
-    prompt, generated, cached = choices[0].prompt, sum(c.generated for c in choices), choices[0].cached
+def _record(served: Served, http: HttpRequest, choices: list[Choice], n: int) -> None:
+    firsts = choices[::n]
+    prompt, cached = sum(c.prompt for c in firsts), sum(c.cached for c in firsts)
+    generated = sum(c.generated for c in choices)
     served.metrics.prompt_tokens.inc(prompt)
     served.metrics.generation_tokens.inc(generated)
     served.metrics.cached_tokens.inc(cached)
@@ -212,9 +217,9 @@ async def chat(served: Served, body: schema.ChatRequest, http: HttpRequest) -> R
 
     if not body.stream:
         await _collect(gen, http, lambda e: choice_of(e).add(e))
-        _record(served, http, choices)
+        _record(served, http, choices, body.n)
         out = [_chat_choice(c, body.logprobs) for c in choices]
-        return JSONResponse(schema.envelope(id_, "chat.completion", model, out, usage=_totals(choices)))
+        return JSONResponse(schema.envelope(id_, "chat.completion", model, out, usage=_totals(choices, body.n)))
 
     usage_too = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if usage_too else {}
@@ -234,8 +239,9 @@ async def chat(served: Served, body: schema.ChatRequest, http: HttpRequest) -> R
         return out
 
     def closing() -> list[dict[str, Any]]:
-        _record(served, http, choices)
-        return [schema.envelope(id_, "chat.completion.chunk", model, [], usage=_totals(choices))] if usage_too else []
+        _record(served, http, choices, body.n)
+        totals = _totals(choices, body.n)
+        return [schema.envelope(id_, "chat.completion.chunk", model, [], usage=totals)] if usage_too else []
 
     opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
     return StreamingResponse(
@@ -262,12 +268,14 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-    ids = completion_prompt(served, body.prompt)
-    gen = Generation(served, plan(served, ids, body, response_grammar(served, body), body.logprobs, "prompt"), arrived)
+    prompts = completion_prompts(served, body.prompt, body.n)
+    grammar = response_grammar(served, body)
+    specs = [s for ids in prompts for s in plan(served, ids, body, grammar, body.logprobs, "prompt")]
+    gen = Generation(served, specs, arrived)
     id_ = schema.new_id("cmpl")
     http.scope["state"]["log"]["id"] = id_
-    choices = [Choice(i, served.tokenizer, False) for i in range(body.n)]
-    echo = served.tokenizer.decode(ids) if body.echo else ""
+    choices = [Choice(i, served.tokenizer, False) for i in range(len(specs))]
+    echoes = [served.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
     model = served.model_id
 
     def piece(c: Choice, text: str, seen: int, finish: str | None) -> dict[str, Any]:
@@ -280,9 +288,9 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
 
     if not body.stream:
         await _collect(gen, http, lambda e: choices[gen.index[e.id]].add(e))
-        _record(served, http, choices)
-        out = [piece(c, echo + c.text, 0, c.finish) for c in choices]
-        return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=_totals(choices)))
+        _record(served, http, choices, body.n)
+        out = [piece(c, echoes[c.index] + c.text, 0, c.finish) for c in choices]
+        return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=_totals(choices, body.n)))
 
     usage_too = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if usage_too else {}
@@ -296,12 +304,13 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         return [schema.envelope(id_, "text_completion", model, [piece(c, text, seen, c.finish)], **extra)]
 
     def closing() -> list[dict[str, Any]]:
-        _record(served, http, choices)
-        return [schema.envelope(id_, "text_completion", model, [], usage=_totals(choices))] if usage_too else []
+        _record(served, http, choices, body.n)
+        totals = _totals(choices, body.n)
+        return [schema.envelope(id_, "text_completion", model, [], usage=totals)] if usage_too else []
 
     opening = (
-        [schema.envelope(id_, "text_completion", model, [piece(c, echo, 0, None)], **extra) for c in choices]
-        if echo
+        [schema.envelope(id_, "text_completion", model, [piece(c, echoes[c.index], 0, None)], **extra) for c in choices]
+        if body.echo
         else []
     )
     return StreamingResponse(

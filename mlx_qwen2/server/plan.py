@@ -214,12 +214,23 @@ def chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], st
     return ids, grammar, tools is not None
 
 
-def completion_prompt(served: Served, prompt: str | list[Any]) -> list[int]:
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    check_token_ids(ids, served.model.args.vocab_size, "prompt")
-    return ids
+def completion_prompts(served: Served, prompt: str | list[Any], n: int) -> list[list[int]]:
+    """The token ids of each prompt of a completion request (one, or a list); ApiError past max_n choices."""
+    several = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    prompts = prompt if several else [prompt]
+    if len(prompts) * n > served.settings.max_n:
+        raise ApiError(
+            400,
+            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; this server allows at most "
+            f"{served.settings.max_n}",
+            param="prompt",
+        )
+    out = []
+    for p in prompts:
+        ids = served.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        check_token_ids(ids, served.model.args.vocab_size, "prompt")
+        out.append(ids)
+    return out
 
 
 def check_token_ids(ids: list[int], vocab: int, param: str) -> None:

@@ -123,12 +123,15 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
+MAX_PROMPTS = 128  # per completion request; prompts x n is also at most the server's max_n
+
+
 class CompletionRequest(_Sampling):
-    prompt: (
+    prompt: (  # several prompts: choice i * n + j is prompt i's j-th (the server bounds prompts x n by max_n)
         str
         | list[int]
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
-        | Annotated[list[list[int]], Field(min_length=1, max_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
