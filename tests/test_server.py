@@ -501,7 +501,8 @@ BAD = [
     ("prompt over the context", "/v1/completions", {"prompt": "fox " * 2000}, 400, "prompt"),
     ("prompt token out of vocabulary", "/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt"),
     ("prompts x n past max_n", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 3}, 400, "prompt"),
-    ("suffix", "/v1/completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("suffix without FIM tokens", "/v1/completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("suffix with echo", "/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, 400, "echo"),
     ("detokenize out of vocabulary", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
     ("tokenize neither", "/tokenize", {}, 400, "prompt"),
     (
@@ -854,3 +855,17 @@ def test_prompt_lookup_per_request_gives_the_greedy_text(server, local, tiny_unt
     assert spec["proposed_tokens"] > 0 and spec["target_passes"] < r["usage"]["completion_tokens"]
     plain = server.client(KEY).post("/v1/chat/completions", json={**body, "prompt_lookup": None}).json()
     assert "speculative" not in plain["usage"]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_model_fills_in_the_middle(real_server, real_folder):
+    """`suffix`: Qwen2.5-Coder's fill-in-the-middle prompt; the reply equals greedy decoding of that prompt."""
+    model, tokenizer = load(real_folder)
+    prefix, suffix = "def add(a, b):\n", "\n\nprint(add(1, 2))\n"
+    ids = [tokenizer.token_to_id("<|fim_prefix|>"), *tokenizer.encode(prefix), tokenizer.token_to_id("<|fim_suffix|>"),
+           *tokenizer.encode(suffix), tokenizer.token_to_id("<|fim_middle|>")]  # fmt: skip
+    expected, _ = greedy((model, tokenizer), ids, 16)
+    c = openai.OpenAI(base_url=real_server.url + "/v1", api_key="none", max_retries=0)
+    r = c.completions.create(model="qwen-coder", prompt=prefix, suffix=suffix, max_tokens=16, temperature=0)
+    assert r.choices[0].text == expected and "return a + b" in expected, expected

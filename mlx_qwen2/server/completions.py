@@ -264,11 +264,11 @@ def _chat_choice(c: Choice, logprobs: bool) -> dict[str, Any]:
 async def complete(served: Served, body: schema.CompletionRequest, http: HttpRequest) -> Response:
     arrived = time.monotonic()
     served.check_model(body.model)
-    if body.suffix:
-        raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-    prompts = completion_prompts(served, body.prompt, body.n)
+    if body.echo and body.suffix is not None:
+        raise ApiError(400, "echo with suffix is not supported: the reply is the text that fills the gap", param="echo")
+    prompts = completion_prompts(served, body.prompt, body.n, body.suffix)
     grammar = response_grammar(served, body)
     specs = [s for ids in prompts for s in plan(served, ids, body, grammar, body.logprobs, "prompt")]
     gen = Generation(served, specs, arrived)

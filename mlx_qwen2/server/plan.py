@@ -214,8 +214,23 @@ def chat_prompt(served: Served, body: schema.ChatRequest) -> tuple[list[int], st
     return ids, grammar, tools is not None
 
 
-def completion_prompts(served: Served, prompt: str | list[Any], n: int) -> list[list[int]]:
-    """The token ids of each prompt of a completion request (one, or a list); ApiError past max_n choices."""
+FIM = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # Qwen2.5-Coder's fill-in-the-middle tokens
+
+
+def fill_in_the_middle(served: Served, prompt: Any, suffix: str) -> list[int]:
+    """The ids of Qwen2.5-Coder's fill-in-the-middle prompt: prefix, suffix, then the middle to write."""
+    if not isinstance(prompt, str):
+        raise ApiError(400, "suffix needs the prompt as text (the code before the gap)", param="prompt")
+    ids = [served.tokenizer.token_to_id(t) for t in FIM]
+    if None in ids:
+        raise ApiError(400, f"this model has no fill-in-the-middle tokens ({', '.join(FIM)})", param="suffix")
+    fim_prefix, fim_suffix, fim_middle = ids
+    return [fim_prefix, *served.tokenizer.encode(prompt), fim_suffix, *served.tokenizer.encode(suffix), fim_middle]
+
+
+def completion_prompts(served: Served, prompt: str | list[Any], n: int, suffix: str | None = None) -> list[list[int]]:
+    """The token ids of each prompt of a completion request (one, or a list; with `suffix`, each the prefix
+    of a gap to fill); ApiError past max_n choices."""
     several = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
     prompts = prompt if several else [prompt]
     if len(prompts) * n > served.settings.max_n:
@@ -227,6 +242,9 @@ def completion_prompts(served: Served, prompt: str | list[Any], n: int) -> list[
         )
     out = []
     for p in prompts:
+        if suffix is not None:
+            out.append(fill_in_the_middle(served, p, suffix))
+            continue
         ids = served.tokenizer.encode(p) if isinstance(p, str) else list(p)
         check_token_ids(ids, served.model.args.vocab_size, "prompt")
         out.append(ids)
