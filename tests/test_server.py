@@ -172,6 +172,21 @@ def test_completions_of_several_prompts(client, local, tiny_untied):
     assert texts == expected
 
 
+def test_best_of_returns_the_most_likely_sampled_choices(client, tiny_untied):
+    """best_of 4, n 2: the two of the four seeded samples (seeds 5..8, as n=4 draws them) with the highest
+    mean token log-probability, best first; usage counts all four; logprobs only when asked for."""
+    settings = {"model": str(tiny_untied), "prompt": "The quick brown fox", "max_tokens": 10, "temperature": 1.0,
+                "seed": 5}  # fmt: skip
+    every = client.completions.create(**settings, n=4, logprobs=0)
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
+    order = sorted(range(4), key=lambda i: -means[i])[:2]
+    best = client.completions.create(**settings, n=2, best_of=4)
+    assert [c.text for c in best.choices] == [every.choices[i].text for i in order]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == every.usage.completion_tokens
+    assert len({c.text for c in every.choices}) > 2  # the samples differ, so the choice means something
+
+
 def test_seed_reproduces_a_sampled_reply(client, tiny_untied):
     def sample(seed: int) -> str:
         r = ask(
@@ -501,6 +516,8 @@ BAD = [
     ("prompt over the context", "/v1/completions", {"prompt": "fox " * 2000}, 400, "prompt"),
     ("prompt token out of vocabulary", "/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt"),
     ("prompts x n past max_n", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 3}, 400, "prompt"),
+    ("best_of below n", "/v1/completions", {"prompt": "a", "n": 3, "best_of": 2}, 400, "best_of"),
+    ("best_of streamed", "/v1/completions", {"prompt": "a", "best_of": 2, "stream": True}, 400, "stream"),
     ("suffix without FIM tokens", "/v1/completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
     ("suffix with echo", "/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, 400, "echo"),
     ("detokenize out of vocabulary", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),

@@ -268,9 +268,15 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
     if body.echo and body.suffix is not None:
         raise ApiError(400, "echo with suffix is not supported: the reply is the text that fills the gap", param="echo")
-    prompts = completion_prompts(served, body.prompt, body.n, body.suffix)
+    best_of = body.best_of or body.n
+    if best_of < body.n:
+        raise ApiError(400, f"best_of ({best_of}) must be at least n ({body.n})", param="best_of")
+    if best_of > body.n and body.stream:
+        raise ApiError(400, "best_of with stream is not supported: the best are known only at the end", param="stream")
+    prompts = completion_prompts(served, body.prompt, best_of, body.suffix)
     grammar = response_grammar(served, body)
-    specs = [s for ids in prompts for s in plan(served, ids, body, grammar, body.logprobs, "prompt")]
+    ranked = 0 if best_of > body.n and body.logprobs is None else body.logprobs  # best_of ranks by logprob
+    specs = [s for ids in prompts for s in plan(served, ids, body, grammar, ranked, "prompt", best_of)]
     gen = Generation(served, specs, arrived)
     id_ = schema.new_id("cmpl")
     http.scope["state"]["log"]["id"] = id_
@@ -288,9 +294,10 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
 
     if not body.stream:
         await _collect(gen, http, lambda e: choices[gen.index[e.id]].add(e))
-        _record(served, http, choices, body.n)
-        out = [piece(c, echoes[c.index] + c.text, 0, c.finish) for c in choices]
-        return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=_totals(choices, body.n)))
+        _record(served, http, choices, best_of)
+        usage = _totals(choices, best_of)  # every sequence generated counts, as with OpenAI's best_of
+        out = [piece(c, echoes[c.index] + c.text, 0, c.finish) for c in _best(choices, best_of, body.n)]
+        return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=usage))
 
     usage_too = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if usage_too else {}
@@ -316,6 +323,24 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
     return StreamingResponse(
         _stream(gen, chunks, opening, closing), media_type="text/event-stream", headers=SSE_HEADERS
     )
+
+
+def _best(choices: list[Choice], best_of: int, n: int) -> list[Choice]:
+    """Of each prompt's `best_of` choices, the `n` of highest mean token log-probability, best first,
+    re-indexed prompt * n + rank (all of them, in order, when best_of is n)."""
+    if best_of == n:
+        return choices
+
+    def score(c: Choice) -> float:
+        return sum(e["logprob"] for e in c.logprobs) / max(len(c.logprobs), 1)
+
+    kept = []
+    for p in range(len(choices) // best_of):
+        group = sorted(choices[p * best_of : (p + 1) * best_of], key=score, reverse=True)[:n]
+        for rank, c in enumerate(group):
+            c.index = p * n + rank
+            kept.append(c)
+    return kept
 
 
 def _legacy_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:

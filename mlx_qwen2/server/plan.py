@@ -99,16 +99,24 @@ def request_of(grammars: Grammars, spec: Spec) -> Request:
 
 
 def plan(
-    served: Served, ids: list[int], body: schema._Sampling, grammar: str | None, logprobs: int | None, param: str
+    served: Served,
+    ids: list[int],
+    body: schema._Sampling,
+    grammar: str | None,
+    logprobs: int | None,
+    param: str,
+    count: int | None = None,
 ) -> list[Spec]:
-    """One engine request per choice, with the body's settings; ApiError for what cannot be served."""
+    """One engine request per choice (`count` of them, default n), with the body's settings; ApiError for
+    what cannot be served."""
     context = served.model.args.context_length
     try:
         check_room(ids, 0, context)
     except UserError as e:
         raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
-    if body.n > served.settings.max_n:
-        raise ApiError(400, f"n is {body.n}; this server allows at most {served.settings.max_n}", param="n")
+    count = count or body.n
+    if count > served.settings.max_n:
+        raise ApiError(400, f"n is {count}; this server allows at most {served.settings.max_n}", param="n")
     wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
     bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
     speculative = _speculative(served, body, constrained=grammar is not None)
@@ -116,7 +124,7 @@ def plan(
         (body.presence_penalty, body.frequency_penalty) if body.presence_penalty or body.frequency_penalty else None
     )
     specs = []
-    for i in range(body.n):
+    for i in range(count):
         seed = None if body.seed is None else body.seed + i
         if seed is None and served.runner.group is not None:  # every rank must draw the same tokens
             seed = random.getrandbits(63)

@@ -136,7 +136,7 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_PROMPTS)] | None = None  # prompts x best_of is at most max_n
 
 
 class TokenizeRequest(_Body):
