@@ -109,9 +109,14 @@ def load_weights(folder: Path, shard: Shard | None = None) -> dict[str, mx.array
     return weights
 
 
+def quantization_block(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json's quantization settings ({} for a float checkpoint)."""
+    return config.get("quantization") or config.get("quantization_config") or {}
+
+
 def apply_quantization(model: nn.Module, config: dict[str, Any], weights: dict[str, mx.array]) -> None:
     """Swap in quantized layers where the checkpoint holds `.scales`, with per-layer overrides."""
-    q = config.get("quantization") or config.get("quantization_config")
+    q = quantization_block(config)
     if not q:
         return
     defaults = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
@@ -219,8 +224,7 @@ def load(
             )
         check_same_everywhere(group, config, str(dtype), parallel)
         if parallel == "tensor":
-            quantization = config.get("quantization") or config.get("quantization_config") or {}
-            shard_tensor_parallel(model, group, quantization.get("group_size"))
+            shard_tensor_parallel(model, group, quantization_block(config).get("group_size"))
             shard = (tensor_parallel_axis, group.rank(), group.size())
         else:
             local_key = shard_pipeline(model, group)

@@ -31,35 +31,18 @@ class SwitchLinear(nn.Module):
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> QuantizedSwitchLinear:
-        return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
+        return QuantizedSwitchLinear(self.weight, group_size, bits, mode)
 
 
 class QuantizedSwitchLinear(nn.Module):
     """SwitchLinear with each expert's matrix quantized along its input dimension (mlx-lm's layout)."""
 
-    def __init__(
-        self,
-        input_dims: int,
-        output_dims: int,
-        num_experts: int,
-        group_size: int = 64,
-        bits: int = 4,
-        mode: str = "affine",
-    ):
+    def __init__(self, weight: mx.array, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        """From the float stacked weight (E, out, in)."""
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        self._set(mx.zeros((num_experts, output_dims, input_dims)))
+        self._set(weight)
         self.freeze()
-
-    @classmethod
-    def from_float(cls, layer: SwitchLinear, group_size: int, bits: int, mode: str = "affine") -> QuantizedSwitchLinear:
-        experts, out, inp = layer.weight.shape
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.group_size, q.bits, q.mode = group_size, bits, mode
-        q._set(layer.weight)
-        q.freeze()
-        return q
 
     def _set(self, weight: mx.array) -> None:
         self.weight, self.scales, *biases = mx.quantize(weight, self.group_size, self.bits, mode=self.mode)

@@ -236,16 +236,18 @@ def fill_in_the_middle(served: Served, prompt: Any, suffix: str) -> list[int]:
     return [fim_prefix, *served.tokenizer.encode(prompt), fim_suffix, *served.tokenizer.encode(suffix), fim_middle]
 
 
-def completion_prompts(served: Served, prompt: str | list[Any], n: int, suffix: str | None = None) -> list[list[int]]:
+def completion_prompts(
+    served: Served, prompt: str | list[Any], per_prompt: int, suffix: str | None = None
+) -> list[list[int]]:
     """The token ids of each prompt of a completion request (one, or a list; with `suffix`, each the prefix
-    of a gap to fill); ApiError past max_n choices."""
+    of a gap to fill); ApiError past max_n sequences (`per_prompt`: n, or best_of)."""
     several = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
     prompts = prompt if several else [prompt]
-    if len(prompts) * n > served.settings.max_n:
+    if len(prompts) * per_prompt > served.settings.max_n:
         raise ApiError(
             400,
-            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; this server allows at most "
-            f"{served.settings.max_n}",
+            f"{len(prompts)} prompts x {per_prompt} sequences each is {len(prompts) * per_prompt}; this server "
+            f"allows at most {served.settings.max_n}",
             param="prompt",
         )
     out = []
