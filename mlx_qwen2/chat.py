@@ -6,21 +6,35 @@ python -m mlx_qwen2.chat --model Qwen/Qwen2-0.5B-Instruct [--draft-model D | --p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from .cache.config import CacheConfig
 from .cache.files import load_prompt_cache, model_fingerprint, tokenizer_fingerprint
 from .cache.prefix import PrefixCache, common_prefix
-from .cli import add_dataclass_args, blas_hint, from_args, report_errors
+from .cli import (
+    add_dataclass_args,
+    add_parallel_flag,
+    blas_hint,
+    from_args,
+    join_group,
+    only_rank_zero_prints,
+    report_errors,
+)
 from .errors import UserError
 from .generation import GenerationConfig, GenerationResponse, stream_generate
 from .generation.speculative import SpeculativeConfig
 from .loader import DTYPES, load, load_draft, resolve_path
 from .models import Model
+from .parallel import barrier, common_seed, share_json
 from .tokenizer import Tokenizer
 
 
@@ -102,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype")
     p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapters to apply")
     p.add_argument("--prompt-cache-file", default=None, help="a cache from `mlx_qwen2.cache_prompt --system ...`")
+    add_parallel_flag(p)
     add_dataclass_args(p, GenerationConfig, skip=("stop",))
     add_dataclass_args(p, CacheConfig)
     add_dataclass_args(p, SpeculativeConfig)
@@ -115,9 +130,34 @@ def main(argv: list[str] | None = None) -> int:
     speculative = from_args(SpeculativeConfig, args)
     if speculative.enabled and not cache_config.plain:
         raise UserError("speculative decoding needs the plain cache; drop --max-kv-size and --kv-bits.")
+    group = join_group()
+    if group is not None:
+        used = [flag for flag, on in (("--prompt-cache-file", args.prompt_cache_file),
+                ("--draft-model", speculative.draft_model)) if on]  # fmt: skip
+        if used:
+            raise UserError(f"{', '.join(used)} cannot be used across ranks (mlx.launch).")
+        config.seed = common_seed(group, config.seed)  # every rank samples the same tokens
+        if group.rank() != 0:
+            drain_stdin()
+    with only_rank_zero_prints(group):
+        code = chat(args, config, cache_config, speculative, group)
+    if group is not None:
+        barrier(group)  # the ranks leave together
+    return code
+
+
+def chat(
+    args: argparse.Namespace,
+    config: GenerationConfig,
+    cache_config: CacheConfig,
+    speculative: SpeculativeConfig,
+    group: mx.distributed.Group | None,
+) -> int:
     blas_hint()
     folder = resolve_path(args.model)
-    model, tokenizer = load(folder, dtype=args.dtype, adapter_path=args.adapter_path)
+    model, tokenizer = load(
+        folder, dtype=args.dtype, adapter_path=args.adapter_path, group=group, parallel=args.parallel
+    )
     draft = load_draft(speculative.draft_model, tokenizer, args.dtype)
     prefix = PrefixCache()
     if args.prompt_cache_file:  # its tokens start the conversation: the session finds them as a prefix
@@ -125,15 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         cache, tokens = load_prompt_cache(Path(args.prompt_cache_file), *fingerprints)
         prefix.store(tokens, cache)
     session = ChatSession(model, tokenizer, args.system, prefix, cache_config, draft, speculative)
-    if sys.stdin.isatty():
+    if group is not None:  # mlx.launch passes typed lines on but never an end of input
+        print("Type a message; '/reset' starts over, '/quit' ends.", file=sys.stderr)
+    elif sys.stdin.isatty():
         print("Type a message; '/reset' starts over, '/quit' or Ctrl-D ends.", file=sys.stderr)
     while True:
-        try:
-            text = input(">> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if text.strip() == "/quit":
+        text = read_turn(group)
+        if text is None or text.strip() == "/quit":
             return 0
         if text.strip() == "/reset":
             session.reset()
@@ -141,6 +179,29 @@ def main(argv: list[str] | None = None) -> int:
         for r in session.send(text, config):
             print(r.text, end="", flush=True)
         print()
+
+
+def read_turn(group: mx.distributed.Group | None) -> str | None:
+    """The user's next line (None at the end of input), read by rank 0 and sent to every rank."""
+    text = None
+    if group is None or group.rank() == 0:
+        try:
+            text = input(">> ")
+        except EOFError:
+            print(file=sys.stderr)
+    return text if group is None else share_json(group, text)
+
+
+def drain_stdin() -> None:
+    """Read and drop what mlx.launch copies to this rank's stdin (rank 0 reads for all): a full pipe
+    would stop the launcher passing input on."""
+
+    def drop() -> None:  # the raw descriptor: a thread blocked in sys.stdin's buffer would stop the exit
+        with contextlib.suppress(OSError):
+            while os.read(0, 65536):
+                pass
+
+    threading.Thread(target=drop, daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from .backends.cpu import blas
 from .errors import UserError
+from .parallel import MODES
 
 T = TypeVar("T")
 
@@ -49,6 +50,17 @@ def add_dataclass_args(
         if suppress:
             kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
+
+
+def add_parallel_flag(parser: argparse.ArgumentParser) -> None:
+    """`--parallel tensor|pipeline`: how a model is split over the ranks of an `mlx.launch` run."""
+    parser.add_argument(
+        "--parallel",
+        choices=MODES,
+        default="tensor",
+        help="under mlx.launch: split each layer over the ranks (tensor) or give each rank a block of layers "
+        "(pipeline) (default: tensor)",
+    )
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -17,13 +17,21 @@ import mlx.core as mx
 from .backends.cpu import blas
 from .cache.config import CacheConfig
 from .cache.files import load_prompt_cache, model_fingerprint, tokenizer_fingerprint
-from .cli import add_dataclass_args, blas_hint, from_args, join_group, only_rank_zero_prints, report_errors
+from .cli import (
+    add_dataclass_args,
+    add_parallel_flag,
+    blas_hint,
+    from_args,
+    join_group,
+    only_rank_zero_prints,
+    report_errors,
+)
 from .errors import UserError
 from .generation import BatchResult, GenerationConfig, GenerationResponse, batch_generate, stream_generate
 from .generation.speculative import SpeculativeConfig
 from .loader import DTYPES, load, load_draft, resolve_path
 from .models import Model
-from .parallel import MODES, barrier, common_seed
+from .parallel import barrier, common_seed
 from .prompts_file import append_result, done_lines, read_jobs
 from .tokenizer import Tokenizer, prompt_ids
 
@@ -52,13 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", default=None, help="a .jsonl of prompts (one request a line) to run in batches")
     p.add_argument("--output", default=None, help="with --prompts-file: the .jsonl results go here (resumable)")
     p.add_argument("--max-batch", type=int, default=8, help="with --prompts-file: most sequences decoded together")
-    p.add_argument(
-        "--parallel",
-        choices=MODES,
-        default="tensor",
-        help="under mlx.launch: split each layer over the ranks (tensor) or give each rank a block of layers "
-        "(pipeline) (default: tensor)",
-    )
+    add_parallel_flag(p)
     add_dataclass_args(p, GenerationConfig)
     add_dataclass_args(p, CacheConfig)
     add_dataclass_args(p, SpeculativeConfig)

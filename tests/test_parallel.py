@@ -35,17 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+def launch(argv: list[str], n: int = 2, timeout: float = 120, stdin: str = "") -> subprocess.CompletedProcess:
     """`mlx.launch -n N --backend ring ARGV` on localhost, on ports the system had free. Its exit status is
     made non-zero when a rank failed (mlx.launch itself returns 0 then). Past `timeout` the launcher and
-    every rank are killed (they share a process group) and the test fails."""
+    every rank are killed (they share a process group) and the test fails. mlx.launch copies `stdin` to
+    every rank."""
     launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
     cmd = [*launcher, "-n", str(n), "--backend", "ring",
            "--starting-port", str(free_port()), "--python", sys.executable, *argv]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True)  # fmt: skip
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
@@ -163,6 +164,18 @@ def test_generate_under_mlx_launch_prints_once_what_one_process_prints(dense, tm
         )
         assert launched.returncode == 0, launched.stderr[-2000:]
         assert launched.stdout == alone.stdout and alone.stdout.strip(), (launched.stdout, alone.stdout)
+
+
+def test_chat_under_mlx_launch_answers_each_turn_as_one_process_does(dense):
+    turns = "Hello\nAnd then?\n/reset\nHi again\n/quit\n"  # mlx.launch never ends the ranks' input: /quit does
+    flags = ["--max-tokens", "6", "--temp", "0.8", "--seed", "3"]
+    chat = [sys.executable, "-m", "mlx_qwen2.chat", "--model", str(dense), *flags]
+    alone = subprocess.run(chat, input=turns, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert alone.returncode == 0 and alone.stdout.count(">> ") == 5, alone.stderr[-2000:]
+    for mode in ("tensor", "pipeline"):
+        launched = launch(chat[1:] + ["--parallel", mode], stdin=turns)
+        assert launched.returncode == 0, launched.stderr[-2000:]
+        assert launched.stdout == alone.stdout, (mode, launched.stdout, alone.stdout)
 
 
 def test_a_rank_that_dies_stops_the_others_with_one_line(dense, tmp_path):

@@ -12,11 +12,11 @@ from typing import Any
 
 import uvicorn
 
-from ..cli import add_dataclass_args, blas_hint, from_args, join_group, report_errors
+from ..cli import add_dataclass_args, add_parallel_flag, blas_hint, from_args, join_group, report_errors
 from ..errors import UserError
 from ..generation.speculative import SpeculativeConfig
 from ..loader import DTYPES, load, load_draft, resolve_path
-from ..parallel import MODES, barrier
+from ..parallel import barrier
 from .app import create_app, follow_engine
 from .settings import ServerSettings
 
@@ -34,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="server log level"
     )
-    p.add_argument(
-        "--parallel", choices=MODES, default="tensor", help="under mlx.launch: tensor or pipeline (default: tensor)"
-    )
+    add_parallel_flag(p)
     add_dataclass_args(p, ServerSettings)
     add_dataclass_args(p, SpeculativeConfig)
     return p
