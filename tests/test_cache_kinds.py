@@ -13,11 +13,14 @@ import pytest
 from mlx_qwen2 import generate, load, stream_generate
 from mlx_qwen2.cache import KVCache, make_cache
 from mlx_qwen2.cache.config import CacheConfig
+from mlx_qwen2.cache.prefix import PrefixCache
 from mlx_qwen2.cache.quantized import QuantizedKVCache
 from mlx_qwen2.cache.rotating import RotatingKVCache
 from mlx_qwen2.cache_prompt import main as cache_prompt_main
 from mlx_qwen2.errors import UserError
 from mlx_qwen2.generate import main as generate_main
+from mlx_qwen2.generation import Engine, GenerationConfig, Request
+from mlx_qwen2.generation.speculative import SpeculativeConfig
 from tests.tiny import make_checkpoint
 
 IDS = [(7 * i + 3) % 300 + 5 for i in range(40)]
@@ -176,3 +179,76 @@ def test_damaged_prompt_cache_file(saved, damage, match, capsys):
 
 def test_missing_prompt_cache_file(wide, tmp_path, capsys):
     check_refused(["--model", str(wide[0]), "--prompt-cache-file", str(tmp_path / "none")], capsys, "not found")
+
+
+BATCH_PROMPTS = [IDS[:3], IDS[5:25], IDS, IDS[10:19]]
+
+
+def run_engine(model, tok, prompts, budgets, cache_config, max_batch):
+    """Every prompt through one engine (chunks of 5, rows joining as others leave); tokens per prompt and the
+    widest the batch cache grew."""
+    engine = Engine(model, tok, max_batch=max_batch, prefill_step_size=5, cache_config=cache_config)
+    for i, (ids, n) in enumerate(zip(prompts, budgets)):
+        engine.add(Request(ids, GenerationConfig(max_tokens=n), id=i))
+    out, widest = {}, 0
+    while engine.busy:
+        for e in engine.step():
+            out.setdefault(e.id, []).append(e.token)
+        widest = max(widest, engine.batch_cache[0].size if engine.batch_cache else 0)
+    return [out[i] for i in range(len(prompts))], widest
+
+
+@pytest.mark.parametrize("max_batch", [2, 4])
+def test_a_batch_with_a_bounded_cache_equals_each_prompt_alone(wide, max_batch):
+    _, model, tok = wide
+    config = CacheConfig(16, 4)
+    budgets = [40, 30, 12, 35]  # past the window and past several compactions
+    got, widest = run_engine(model, tok, BATCH_PROMPTS, budgets, config, max_batch)
+    for ids, n, tokens in zip(BATCH_PROMPTS, budgets, got):
+        alone = [r.token for r in stream_generate(model, tok, ids, max_tokens=n, cache_config=config)]
+        assert tokens == alone
+    assert widest <= 16 + 16 + 5  # the window, a compaction's worth, a prefill chunk
+    plain, _ = run_engine(model, tok, BATCH_PROMPTS, budgets, CacheConfig(), max_batch)
+    assert plain != got  # the window changed the outcome: the test can tell
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_batch_with_a_quantized_cache_equals_each_prompt_alone(wide, bits):
+    _, model, tok = wide
+    config = CacheConfig(kv_bits=bits, kv_group_size=32)
+    budgets = [20, 12, 8, 16]
+    got, _ = run_engine(model, tok, BATCH_PROMPTS, budgets, config, 3)
+    for ids, n, tokens in zip(BATCH_PROMPTS, budgets, got):
+        alone = [r.token for r in stream_generate(model, tok, ids, max_tokens=n, cache_config=config)]
+        assert tokens == alone
+
+
+def test_a_batch_switches_to_the_quantized_cache_once_its_longest_row_is_past_the_start(wide):
+    _, model, tok = wide
+    config = CacheConfig(kv_bits=8, kv_group_size=32, quantized_kv_start=30)
+    engine = Engine(model, tok, max_batch=2, cache_config=config)
+    engine.add(Request(IDS[:20], GenerationConfig(max_tokens=20)))
+    kinds = []
+    while engine.busy:
+        engine.step()
+        if engine.batch_cache:
+            kinds.append((engine.batch_cache[0].size, type(engine.batch_cache[0]).__name__))
+    assert kinds[0][1] == "BatchKVCache" and kinds[-1][1] == "BatchQuantizedKVCache"
+    assert all((size >= 30) == (kind != "BatchKVCache") for size, kind in kinds), kinds
+    # a row that joins a quantized batch is quantized with it
+    engine.add(Request(IDS[:25], GenerationConfig(max_tokens=40), id="long"))
+    engine.step()
+    engine.add(Request(IDS[:4], GenerationConfig(max_tokens=5), id="short"))
+    while engine.busy:
+        engine.step()
+        if engine.batch_cache:
+            assert len(engine.batch_cache[0].left_pad) == len(engine.running)
+
+
+def test_cache_kinds_in_a_batch_refuse_what_they_cannot_do(wide):
+    _, model, tok = wide
+    with pytest.raises(UserError, match="prefix cache keeps plain caches"):
+        Engine(model, tok, prefix_cache=PrefixCache(), cache_config=CacheConfig(16, 4))
+    engine = Engine(model, tok, cache_config=CacheConfig(kv_bits=8, kv_group_size=32))
+    with pytest.raises(UserError, match="speculative decoding needs the plain cache"):
+        engine.add(Request(IDS, speculative=SpeculativeConfig(prompt_lookup=2)))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
+from .batch import BatchKVCache
+from .batch_kinds import BatchQuantizedKVCache, BatchRotatingKVCache
 from .kv import KVCache, make_cache
 from .quantized import QuantizedKVCache, check_kv_settings
 from .rotating import RotatingKVCache
@@ -47,6 +49,24 @@ class CacheConfig:
         if self.kv_bits is not None and self.quantized_kv_start == 0:
             return [QuantizedKVCache(self.kv_bits, self.kv_group_size) for _ in range(num_layers)]
         return make_cache(num_layers)
+
+    def make_batch(self, left_pad: list[int], num_layers: int) -> list[BatchKVCache]:
+        """One empty batch cache per layer for rows about to be prefilled together (the batching engine)."""
+        if self.max_kv_size is not None:
+            return [BatchRotatingKVCache(self.max_kv_size, self.kv_keep, left_pad) for _ in range(num_layers)]
+        if self.kv_bits is not None and self.quantized_kv_start == 0:
+            return [BatchQuantizedKVCache(self.kv_bits, self.kv_group_size, left_pad) for _ in range(num_layers)]
+        return [BatchKVCache.empty(left_pad) for _ in range(num_layers)]
+
+    def maybe_quantize_batch(self, cache: list[BatchKVCache], force: bool = False) -> list[BatchKVCache]:
+        """Float batch caches quantized once their longest row holds `quantized_kv_start` tokens (or now, with
+        `force`: rows joining a quantized batch); the caches unchanged otherwise."""
+        first = cache[0]
+        if self.kv_bits is None or type(first) is not BatchKVCache:
+            return cache
+        if not force and first.size - min(first.left_pad, default=0) < self.quantized_kv_start:
+            return cache
+        return [BatchQuantizedKVCache.from_float(c, self.kv_bits, self.kv_group_size) for c in cache]
 
     def maybe_quantize(self, cache: list[Any]) -> None:
         """Swap float layer caches for quantized ones, in place, once they hold `quantized_kv_start` tokens."""

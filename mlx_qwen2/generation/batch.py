@@ -24,6 +24,7 @@ import numpy as np
 
 from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.batch import BatchKVCache
+from ..cache.config import CacheConfig
 from ..cache.prefix import PrefixCache
 from ..errors import UserError
 from ..models import Model
@@ -143,9 +144,13 @@ class Engine:
         prefill_step_size: int = 512,
         prefix_cache: PrefixCache | None = None,
         draft: Model | None = None,
+        cache_config: CacheConfig | None = None,
     ):
         if max_batch < 1:
             raise UserError(f"max-batch must be at least 1, got {max_batch}")
+        self.cache_config = cache_config or CacheConfig()
+        if prefix_cache is not None and not self.cache_config.plain:
+            raise UserError("the prefix cache keeps plain caches only; leave it out with --max-kv-size or --kv-bits.")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.prefix_cache, self.draft = prefix_cache, draft
@@ -158,6 +163,8 @@ class Engine:
 
     def add(self, request: Request) -> Any:
         """Queue a request; returns its id (the request's, or a new one). UserError for a prompt that cannot fit."""
+        if request.speculative is not None and not self.cache_config.plain:
+            raise UserError("speculative decoding needs the plain cache; drop --max-kv-size and --kv-bits.")
         if request.id is None:
             request = replace(request, id=next(self._ids))
         args = self.model.args
@@ -217,12 +224,13 @@ class Engine:
             group.append(self.waiting.popleft())
         width = max(len(s.pending) for s in group)
         pads = [width - len(s.pending) for s in group]
-        return _Prefill(group, [BatchKVCache.empty(pads) for _ in self.model.layers])
+        return _Prefill(group, self.cache_config.make_batch(pads, len(self.model.layers)))
 
     def _prefill_chunk(self, group: _Prefill) -> list[Event]:
         step = self.prefill_step_size
         if group.left > step:
             self.model.model(group.tokens[:, group.done : group.done + step], group.cache)
+            group.cache = self.cache_config.maybe_quantize_batch(group.cache)
             mx.eval([c.state for c in group.cache])
             group.done += step
             return []
@@ -244,8 +252,12 @@ class Engine:
         return events
 
     def _join(self, seqs: list[_Sequence], cache: list[BatchKVCache]) -> None:
-        rows = [None] * len(cache) if self.batch_cache is None else self.batch_cache
-        self.batch_cache = [BatchKVCache.merge([old, new]) for old, new in zip(rows, cache)]
+        quantize = self.cache_config.maybe_quantize_batch
+        if self.batch_cache is None:
+            rows = [None] * len(cache)
+        else:  # one kind in a batch: rows joining a quantized batch are quantized first
+            rows, cache = self.batch_cache, quantize(cache, force=type(self.batch_cache[0]) is not type(cache[0]))
+        self.batch_cache = quantize([type(new).merge([old, new]) for old, new in zip(rows, cache)])
         for seq in seqs:
             seq.cache = None  # its keys and values live in the batch now
         self.running += seqs
@@ -265,6 +277,7 @@ class Engine:
             return self._speculate(self.running[0])
         inputs = mx.concatenate([seq.last for seq in self.running])[:, None]  # (B, 1)
         logits = next_logits(self.model, inputs, self.batch_cache)  # (B, vocab)
+        self.batch_cache = self.cache_config.maybe_quantize_batch(self.batch_cache)
         tokens = self._draw(self.running, logits)
         values = mx.concatenate(tokens).tolist()
         size = len(self.running)
@@ -387,15 +400,18 @@ def batch_generate(
     config: GenerationConfig | Sequence[GenerationConfig] | None = None,
     max_batch: int = 8,
     on_result: Callable[[int, BatchResult], None] | None = None,
+    cache_config: CacheConfig | None = None,
     **settings: object,
 ) -> list[BatchResult]:
     """Generate for every prompt (text or token ids), up to `max_batch` at a time; results in prompt order.
 
     `config` is one for all or one per prompt; `settings` override fields of each
-    (max_tokens=..., temp=...). `on_result(index, result)` is called as each one finishes.
+    (max_tokens=..., temp=...). `on_result(index, result)` is called as each one finishes. `cache_config`
+    bounds (`max_kv_size`) or quantizes (`kv_bits`) the batch's cache.
     """
     configs = _configs(config, len(prompts), settings)
-    engine = Engine(model, tokenizer, max_batch, configs[0].prefill_step_size if configs else 512)
+    step = configs[0].prefill_step_size if configs else 512
+    engine = Engine(model, tokenizer, max_batch, step, cache_config=cache_config)
     results: dict[int, BatchResult] = {}
     partial: dict[int, list[Event]] = {i: [] for i in range(len(prompts))}
     for i, (prompt, cfg) in enumerate(zip(prompts, configs)):
