@@ -91,7 +91,9 @@ def print_stats(last: GenerationResponse) -> None:
     print(f"Device: {mx.default_device()}, BLAS: {blas.in_use}", file=sys.stderr)
 
 
-def run_prompts_file(args: argparse.Namespace, config: GenerationConfig, model: Model, tokenizer: Tokenizer) -> int:
+def run_prompts_file(
+    args: argparse.Namespace, config: GenerationConfig, cache_config: CacheConfig, model: Model, tokenizer: Tokenizer
+) -> int:
     """Every prompt of the file not yet in the output, in batches; a line of results as each finishes."""
     output = Path(args.output)
     use_template = args.chat_template is not False
@@ -106,7 +108,8 @@ def run_prompts_file(args: argparse.Namespace, config: GenerationConfig, model: 
         progress.add(result.generation_tokens)
 
     configs = [j.config for j in todo]
-    batch_generate(model, tokenizer, [j.ids for j in todo], configs, max_batch=args.max_batch, on_result=finished)
+    ids = [j.ids for j in todo]
+    batch_generate(model, tokenizer, ids, configs, args.max_batch, finished, cache_config)
     progress.close()
     return 0
 
@@ -142,10 +145,8 @@ def check_flags(args: argparse.Namespace, cache_config: CacheConfig, speculative
             )
         if args.output is None:
             raise UserError("--prompts-file needs --output, the .jsonl file the results go to.")
-        if not cache_config.plain or args.prompt_cache_file:
-            raise UserError(
-                "--prompts-file runs with the default cache; drop --max-kv-size, --kv-bits, --prompt-cache-file."
-            )
+        if args.prompt_cache_file:
+            raise UserError("--prompts-file starts every prompt afresh; drop --prompt-cache-file.")
         if args.max_batch < 1:
             raise UserError(f"--max-batch must be at least 1, got {args.max_batch}")
     elif args.output is not None:
@@ -193,7 +194,7 @@ def generate(
         folder, dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast, group=group, parallel=args.parallel
     )
     if args.prompts_file is not None:
-        return run_prompts_file(args, config, model, tokenizer)
+        return run_prompts_file(args, config, cache_config, model, tokenizer)
     cache = None
     if args.prompt_cache_file:  # the prompt continues the cached tokens: no chat template unless asked for
         fingerprints = model_fingerprint(folder, args.adapter_path, args.dtype), tokenizer_fingerprint(folder)

@@ -252,3 +252,20 @@ def test_cache_kinds_in_a_batch_refuse_what_they_cannot_do(wide):
     engine = Engine(model, tok, cache_config=CacheConfig(kv_bits=8, kv_group_size=32))
     with pytest.raises(UserError, match="speculative decoding needs the plain cache"):
         engine.add(Request(IDS, speculative=SpeculativeConfig(prompt_lookup=2)))
+
+
+@pytest.mark.parametrize(
+    "flags", [["--max-kv-size", "16", "--kv-keep", "2"], ["--kv-bits", "8", "--kv-group-size", "32"]]
+)
+def test_prompts_file_with_a_cache_kind_gives_what_each_prompt_gives_alone(wide, flags, tmp_path, capsys):
+    folder, model, tok = wide
+    prompts = ["The quick brown fox jumps over the lazy dog", "Hi", "def add(a, b):"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    argv = ["--model", str(folder), "--prompts-file", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"),
+            "--no-chat-template", "-m", "30", "--max-batch", "2", *flags]  # fmt: skip
+    assert generate_main(argv) == 0
+    rows = {r["line"]: r for r in map(json.loads, (tmp_path / "o").read_text().splitlines())}
+    config = CacheConfig(16, 2) if "--max-kv-size" in flags else CacheConfig(kv_bits=8, kv_group_size=32)
+    for line, prompt in enumerate(prompts, start=1):
+        alone = generate(model, tok, tok.encode(prompt), max_tokens=30, cache_config=config)
+        assert rows[line]["text"] == alone

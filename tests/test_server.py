@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -20,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mlx_qwen2 import load, stream_generate
+from mlx_qwen2.cache.config import CacheConfig
 from mlx_qwen2.server import ServerSettings, create_app
 from mlx_qwen2.server.tools import ToolCallParser
 from tests.serving import ServerProcess
@@ -886,3 +889,51 @@ def test_real_model_fills_in_the_middle(real_server, real_folder):
     c = openai.OpenAI(base_url=real_server.url + "/v1", api_key="none", max_retries=0)
     r = c.completions.create(model="qwen-coder", prompt=prefix, suffix=suffix, max_tokens=16, temperature=0)
     assert r.choices[0].text == expected and "return a + b" in expected, expected
+
+
+BOUNDED, QUANTIZED = ("--max-kv-size", "16", "--kv-keep", "4"), ("--kv-bits", "4", "--kv-group-size", "32")
+
+
+@pytest.mark.parametrize("flags", [BOUNDED, QUANTIZED])
+def test_a_bounded_or_quantized_cache_serves_what_generate_gives_alone(flags, tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("wide"), hidden=128, heads=4, kv_heads=2, seed=3)  # head 32
+    model, tokenizer = load(folder)
+    bounded = flags == BOUNDED
+    config = CacheConfig(16, 4) if bounded else CacheConfig(kv_bits=4, kv_group_size=32)
+    s = ServerProcess(folder, *flags)
+    try:
+
+        async def run(texts: list[str]) -> list[str]:
+            async with openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0) as c:
+
+                async def one(text: str) -> str:
+                    r = await c.chat.completions.create(
+                        model=str(folder), messages=[{"role": "user", "content": text}], max_tokens=40, temperature=0
+                    )
+                    return r.choices[0].message.content
+
+                return await asyncio.gather(*(one(text) for text in texts))
+
+        # The bounded cache: four at once, past the window. The 4-bit one a request at a time: in a batch, float
+        # differences of the batched products can move a key across a 4-bit rounding step (tests/test_cache_kinds.py
+        # has the batch against each prompt alone, in-process).
+        got = asyncio.run(run(PROMPTS)) if bounded else [asyncio.run(run([text]))[0] for text in PROMPTS]
+        differ = 0
+        for text, reply in zip(PROMPTS, got):
+            ids = chat_ids(tokenizer, text)
+            alone = "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=40, cache_config=config))
+            assert reply == alone
+            differ += reply != "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=40))
+        assert differ  # the cache kind changes the replies here: the test can tell it was used
+        r = s.client().post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "prompt_lookup": 2})
+        assert r.status_code == 400 and "plain KV cache" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_a_kv_group_that_does_not_divide_the_head_is_refused_at_start(tiny_untied):
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_qwen2.server", "--model", str(tiny_untied), "--port", "0", "--kv-bits", "8"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "does not divide the head size 16" in done.stderr.strip().splitlines()[-1]

@@ -4,9 +4,10 @@ length, aligned on their newest token).
 
 `BatchRotatingKVCache` holds, for every row, the position of each of its columns. A query at position q
 sees the keys of its own row at positions p with p <= q and (p < keep or p > q - (max_size - keep)):
-the same keys a `RotatingKVCache` gives it. Every `step` columns the buffer is compacted: each row keeps
-only the columns a later query can see (its kept prefix and its latest max_size - keep - 1), gathered
-to the right, so memory stays within max_size + step columns (plus a prefill chunk).
+the same keys a `RotatingKVCache` gives it. Once the buffer is min(step, max_size) columns past
+max_size it is compacted: each row keeps only the columns a later query can see (its kept prefix and
+its latest max_size - keep - 1), gathered to the right; so a row never holds more than about twice
+max_size columns (plus a prefill chunk), and usually max_size.
 
 `BatchQuantizedKVCache` quantizes each key and value vector as it arrives (the single cache's format),
 so a row's numbers do not depend on the rows beside it. Knows nothing of the model.

@@ -37,6 +37,13 @@ class CacheConfig:
         if self.quantized_kv_start < 0:
             raise UserError(f"--quantized-kv-start must be >= 0, got {self.quantized_kv_start}")
 
+    def check_model(self, head_dim: int) -> None:
+        """UserError now for settings this model cannot use (rather than at its first prompt)."""
+        if self.kv_bits is not None and head_dim % self.kv_group_size:
+            raise UserError(
+                f"--kv-group-size {self.kv_group_size} does not divide the head size {head_dim}; choose one that does."
+            )
+
     @property
     def plain(self) -> bool:
         """Whether this is the default growing float cache (the only kind the batching engine merges)."""

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 
+from ..cache.config import CacheConfig
 from ..cache.prefix import PrefixCache
 from ..generation.batch import Engine, Request
 from ..generation.grammar import Grammars
@@ -43,17 +44,24 @@ T = TypeVar("T", bound=BaseModel)
 
 
 def engine_parts(
-    model: Model, tokenizer: Tokenizer, settings: ServerSettings, draft: Model | None = None
+    model: Model,
+    tokenizer: Tokenizer,
+    settings: ServerSettings,
+    draft: Model | None = None,
+    cache_config: CacheConfig | None = None,
 ) -> tuple[Callable[[], Engine], Callable[[Any], Request], Grammars]:
-    """A fresh engine (with the server's prefix cache), a request spec (or its JSON) -> its Request, and the
-    grammars the specs' constrained output compiles with."""
+    """A fresh engine (with the server's prefix cache, unless the cache is bounded or quantized), a request
+    spec (or its JSON) -> its Request, and the grammars the specs' constrained output compiles with."""
+    cache_config = cache_config or CacheConfig()
     prefix = None
-    if settings.prefix_cache_entries:
+    if settings.prefix_cache_entries and cache_config.plain:
         prefix = PrefixCache(settings.prefix_cache_entries, int(settings.prefix_cache_gb * 1e9))
     grammars = Grammars(tokenizer, model.args.vocab_size)
 
     def make_engine() -> Engine:
-        return Engine(model, tokenizer, settings.max_concurrency, prefix_cache=prefix, draft=draft)
+        return Engine(
+            model, tokenizer, settings.max_concurrency, prefix_cache=prefix, draft=draft, cache_config=cache_config
+        )
 
     def build(spec: Spec | dict[str, Any]) -> Request:
         return request_of(grammars, spec if isinstance(spec, Spec) else Spec.from_json(spec))
@@ -61,9 +69,15 @@ def engine_parts(
     return make_engine, build, grammars
 
 
-def follow_engine(model: Model, tokenizer: Tokenizer, settings: ServerSettings, group: mx.distributed.Group) -> None:
+def follow_engine(
+    model: Model,
+    tokenizer: Tokenizer,
+    settings: ServerSettings,
+    group: mx.distributed.Group,
+    cache_config: CacheConfig | None = None,
+) -> None:
     """A rank other than 0 of a server split over processes: take rank 0's engine steps until it stops."""
-    make_engine, build, _ = engine_parts(model, tokenizer, settings)
+    make_engine, build, _ = engine_parts(model, tokenizer, settings, cache_config=cache_config)
     follow(make_engine, build, group)
 
 
@@ -75,14 +89,28 @@ def create_app(
     draft: Model | None = None,
     speculative: SpeculativeConfig | None = None,
     group: mx.distributed.Group | None = None,
+    cache_config: CacheConfig | None = None,
 ) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread. `draft` and `speculative` are the
     speculative decoding every request gets by default (while it runs alone). With a `group` (the model
-    split over processes), the other ranks run `follow_engine`."""
-    make_engine, build, grammars = engine_parts(model, tokenizer, settings, draft)
+    split over processes), the other ranks run `follow_engine`. `cache_config` bounds or quantizes the
+    batch's KV cache (then without the prefix cache and speculation: neither works on those kinds)."""
+    cache_config = cache_config or CacheConfig()
+    make_engine, build, grammars = engine_parts(model, tokenizer, settings, draft, cache_config)
     runner = EngineRunner(make_engine, settings.max_concurrency + settings.max_queue, build, group)
     metrics = Metrics(runner)
-    served = Served(model, tokenizer, runner, grammars, settings, metrics, model_id, speculative, draft is not None)
+    served = Served(
+        model,
+        tokenizer,
+        runner,
+        grammars,
+        settings,
+        metrics,
+        model_id,
+        speculative,
+        draft is not None,
+        cache_config.plain,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

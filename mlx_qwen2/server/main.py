@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from ..cache.config import CacheConfig
 from ..cli import add_dataclass_args, add_parallel_flag, blas_hint, from_args, join_group, report_errors
 from ..errors import UserError
 from ..generation.speculative import SpeculativeConfig
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_parallel_flag(p)
     add_dataclass_args(p, ServerSettings)
+    add_dataclass_args(p, CacheConfig)
     add_dataclass_args(p, SpeculativeConfig)
     return p
 
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             "listening on %s without --api-key: anyone who reaches the port can use it", settings.host
         )
     blas_hint()
-    speculative = from_args(SpeculativeConfig, args)
+    speculative, cache_config = from_args(SpeculativeConfig, args), from_args(CacheConfig, args)
+    if speculative.enabled and not cache_config.plain:
+        raise UserError("speculative decoding needs the plain cache; drop --max-kv-size and --kv-bits.")
     group = join_group()
     if group is not None and speculative.enabled:
         raise UserError("speculative decoding is not available across ranks (mlx.launch); drop its flags.")
@@ -69,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(
         folder, dtype=args.dtype, adapter_path=args.adapter_path, fast=args.fast, group=group, parallel=args.parallel
     )
+    cache_config.check_model(model.args.head_dim)
     if group is not None and group.rank() != 0:  # rank 0 serves HTTP; this rank takes its engine's steps
-        follow_engine(model, tokenizer, settings, group)
+        follow_engine(model, tokenizer, settings, group, cache_config)
         barrier(group)
         return 0
     draft = load_draft(speculative.draft_model, tokenizer, args.dtype, args.fast)
     name = settings.served_model_name or args.model
-    app = create_app(model, tokenizer, settings, name, draft, speculative if speculative.enabled else None, group)
+    default = speculative if speculative.enabled else None
+    app = create_app(model, tokenizer, settings, name, draft, default, group, cache_config)
     config = uvicorn.Config(
         app,
         host=settings.host,

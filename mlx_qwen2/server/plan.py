@@ -43,6 +43,7 @@ class Served:
     model_id: str
     speculative: SpeculativeConfig | None = None  # the server's default (--prompt-lookup, --draft-model)
     has_draft: bool = False
+    plain_cache: bool = True  # False with --max-kv-size or --kv-bits: no speculation then
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_id:
@@ -156,6 +157,14 @@ def _speculative(served: Served, body: schema._Sampling, constrained: bool) -> S
             )
         return None
     if body.speculative is False:
+        return None
+    if not served.plain_cache:
+        if body.speculative or body.prompt_lookup is not None:
+            raise ApiError(
+                400,
+                "speculative decoding needs the plain KV cache, and this server bounds or quantizes it",
+                param="prompt_lookup" if body.prompt_lookup is not None else "speculative",
+            )
         return None
     default = served.speculative
     most = body.num_draft_tokens or (default.num_draft_tokens if default else SpeculativeConfig().num_draft_tokens)
