@@ -22,6 +22,7 @@ LAYERS = {
         "cache.rotating",
         "cache.quantized",
         "cache.batch",
+        "cache.batch_kinds",
         "cache.prefix",
         "cache.config",
         "cache.files",
