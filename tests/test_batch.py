@@ -6,6 +6,7 @@ import json
 import sys
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_qwen2 import generate, load, stream_generate
@@ -247,3 +248,26 @@ def test_prompts_are_prefilled_together_and_a_cancel_mid_prefill(loaded, monkeyp
     assert 1 not in events
     for i in (0, 2, 3):
         assert [e.token for e in events[i]] == alone(model, tok, ids[i], max_tokens=6)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 4])
+def test_prompt_logprobs_equal_the_log_softmax_of_one_pass(loaded, max_tokens):
+    model, tok = loaded
+    ids = tok.encode(PROMPTS[1])
+    engine = Engine(model, tok, max_batch=4, prefill_step_size=5, prefix_cache=PrefixCache())  # chunks of 5
+    engine.add(Request(tok.encode(PROMPTS[0]), GenerationConfig(max_tokens=6), id="other"))
+    engine.add(Request(ids, GenerationConfig(max_tokens=max_tokens), id="scored", prompt_logprobs=3))
+    events = run(engine)["scored"]
+    logits = model(mx.array([ids]))[0].astype(mx.float32)
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    scores = events[0].prompt_logprobs
+    assert len(scores) == len(ids) and scores[0] == (None, None)
+    for j, (chosen, top) in enumerate(scores[1:]):
+        assert abs(chosen - logp[j, ids[j + 1]]) < 1e-4
+        assert [t for t, _ in top] == list(np.argsort(-logp[j])[:3])
+        np.testing.assert_allclose([v for _, v in top], np.sort(logp[j])[::-1][:3], atol=1e-4)
+    if max_tokens == 0:
+        assert [(e.token, e.finish_reason, e.generation_tokens) for e in events] == [(None, "length", 0)]
+    else:
+        assert [e.token for e in events] == alone(model, tok, ids, max_tokens=max_tokens)
+        assert all(e.prompt_logprobs is None for e in events[1:])

@@ -49,6 +49,9 @@ class Request:
 
     With `logprobs` k (0 or more), each event carries the drawn token's log-probability under the
     model (the log-softmax of its logits, before any processor or sampler) and the k most likely tokens'.
+    With `prompt_logprobs` k, the first event also carries the same for every prompt token after the first
+    (the prompt is then prefilled alone, without the prefix cache). `config.max_tokens` 0 generates nothing:
+    one event, no token, "length" (scoring a prompt).
     """
 
     prompt: list[int]
@@ -56,6 +59,7 @@ class Request:
     id: Any = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Proposals (lookup, or the engine's draft) while it runs alone; its processors must then be functions
     # of the history they are given (a grammar mask that advances with each call is not).
     speculative: SpeculativeConfig | None = None
@@ -76,6 +80,7 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     speculative: SpeculativeStats | None = None  # the sequence's proposals so far, if it has a proposer
+    prompt_logprobs: list[_Scores] | None = None  # on a first event, when asked for: one per prompt token
 
 
 class _Sequence:
@@ -88,7 +93,8 @@ class _Sequence:
         self.pending = list(request.prompt)  # prompt tokens not yet through the model
         self.cache: list[Any] | None = None  # a cached prefix of the prompt, from the prefix cache
         self.cached = 0
-        self.looked_up = False
+        self.looked_up = request.prompt_logprobs is not None  # every prompt position goes through the model
+        self.prompt_scores: list[_Scores] | None = None if request.prompt_logprobs is None else [(None, None)]
         self.sampler = make_sampler(config.temp, config.top_p, config.top_k, config.min_p)
         self.processors = make_logits_processors(config.repetition_penalty, config.repetition_context_size)
         self.processors += request.logits_processors
@@ -217,9 +223,9 @@ class Engine:
         if first.cache is not None:
             return _Prefill([first], [BatchKVCache.merge([c]) for c in first.cache])
         group = [first]
-        while self.waiting and len(self.running) + len(group) < self.max_batch:
+        while first.prompt_scores is None and self.waiting and len(self.running) + len(group) < self.max_batch:
             self._fetch(self.waiting[0])
-            if self.waiting[0].cache is not None:
+            if self.waiting[0].cache is not None or self.waiting[0].prompt_scores is not None:
                 break  # it goes in a group of its own, next
             group.append(self.waiting.popleft())
         width = max(len(s.pending) for s in group)
@@ -227,14 +233,19 @@ class Engine:
         return _Prefill(group, self.cache_config.make_batch(pads, len(self.model.layers)))
 
     def _prefill_chunk(self, group: _Prefill) -> list[Event]:
-        step = self.prefill_step_size
+        step, scored = self.prefill_step_size, group.seqs[0].prompt_scores is not None
         if group.left > step:
-            self.model.model(group.tokens[:, group.done : group.done + step], group.cache)
+            h = self.model.model(group.tokens[:, group.done : group.done + step], group.cache)
+            if scored:
+                self._score_prompt(group, h, group.done + step + 1)
             group.cache = self.cache_config.maybe_quantize_batch(group.cache)
             mx.eval([c.state for c in group.cache])
             group.done += step
             return []
-        logits = next_logits(self.model, group.tokens[:, group.done :], group.cache)  # (B, vocab)
+        h = self.model.model(group.tokens[:, group.done :], group.cache)
+        if scored:
+            self._score_prompt(group, h[:, :-1], group.tokens.shape[1])
+        logits = self.model.head(h[:, -1:, :])[:, 0, :]  # (B, vocab)
         tokens = self._draw(group.seqs, logits)
         self.prefilling = None
         size = len(self.running) + len(group.seqs)
@@ -250,6 +261,14 @@ class Engine:
                 c.filter(joining)
             self._join([group.seqs[i] for i in joining], group.cache)
         return events
+
+    def _score_prompt(self, group: _Prefill, h: mx.array, end: int) -> None:
+        """Scores of the prompt tokens group.done + 1 .. end - 1 from the hidden states before them (one row)."""
+        seq = group.seqs[0]
+        targets = group.tokens[0, group.done + 1 : end]
+        for start in range(0, targets.size, SCORE_BLOCK):  # the head over a few positions at a time
+            logits = self.model.head(h[:, start : start + SCORE_BLOCK])[0]  # (L, vocab)
+            seq.prompt_scores += _scores(logits, targets[start : start + SCORE_BLOCK], seq.request.prompt_logprobs)
 
     def _join(self, seqs: list[_Sequence], cache: list[BatchKVCache]) -> None:
         quantize = self.cache_config.maybe_quantize_batch
@@ -316,12 +335,28 @@ class Engine:
         return events
 
     def _emit(self, seq: _Sequence, value: int, token: mx.array, score: _Scores, batch_size: int) -> Event:
+        prompt_scores, seq.prompt_scores = seq.prompt_scores, None
+        if seq.request.config.max_tokens == 0:  # scoring the prompt only: the drawn token is not given out
+            return Event(seq.id, None, "", "length", len(seq.request.prompt), 0, seq.cached, batch_size,
+                         prompt_logprobs=prompt_scores)  # fmt: skip
         seq.generated.append(value)
         seq.last = token
         text, finish = seq.text.add(value)
         prompt = len(seq.request.prompt)
         stats = seq.stats if seq.proposer is not None else None
-        return Event(seq.id, value, text, finish, prompt, len(seq.generated), seq.cached, batch_size, *score, stats)
+        return Event(
+            seq.id,
+            value,
+            text,
+            finish,
+            prompt,
+            len(seq.generated),
+            seq.cached,
+            batch_size,
+            *score,
+            stats,
+            prompt_scores,
+        )
 
     def _leave(self, rows: list[int], finished: bool = True) -> None:
         """Take these rows out of the batch; finished ones first go to the prefix cache, if there is one."""
@@ -360,6 +395,19 @@ class Engine:
 
 
 _Scores = tuple[float | None, list[tuple[int, float]] | None]  # (drawn token's logprob, top ones)
+SCORE_BLOCK = 64  # prompt positions whose logits (vocab wide) are computed at once, for prompt_logprobs
+
+
+def _scores(logits: mx.array, targets: mx.array, k: int) -> list[_Scores]:
+    """Each position's log-probability of its target token and its k most likely tokens', best first."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (L, vocab)
+    chosen = mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    top = mx.argpartition(-logp, k - 1, axis=-1)[:, :k] if k else mx.zeros((logp.shape[0], 0), dtype=mx.int32)
+    values = mx.take_along_axis(logp, top, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    top, values = mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+    return [(c, list(zip(t, v))) for c, t, v in zip(chosen.tolist(), top.tolist(), values.tolist())]
 
 
 def _logprobs(seqs: list[_Sequence], logits: mx.array, drawn: list[int]) -> list[_Scores]:
