@@ -269,6 +269,41 @@ def test_logprobs_equal_the_models_log_softmax(client, local, tiny_untied):
         assert bytes(entry.bytes) == tokenizer.token_bytes(generated[i])
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, local, tiny_untied):
+    """Completions' echo + logprobs: every prompt token after the first gets its log-probability under the
+    model and its top tokens (the first: None), then the generated ones; max_tokens 0 scores only."""
+    model, tokenizer = local
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tokenizer.encode(text)
+    logits = model(mx.array([ids]))[0].astype(mx.float32)
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    r = client.completions.create(model=str(tiny_untied), prompt=text, max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert (choice.text, choice.finish_reason, r.usage.completion_tokens) == (text, "length", 0)
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == text and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], [logp[j, ids[j + 1]] for j in range(len(ids) - 1)], atol=1e-4)
+    for j, top in enumerate(lp.top_logprobs[1:]):
+        np.testing.assert_allclose(sorted(top.values(), reverse=True), np.sort(logp[j])[::-1][:2], atol=1e-4)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    # with tokens generated: the prompt's entries, then what the same request without echo gets
+    plain = client.completions.create(model=str(tiny_untied), prompt=text, max_tokens=5, temperature=0, logprobs=1)
+    both = client.completions.create(
+        model=str(tiny_untied), prompt=text, max_tokens=5, temperature=0, logprobs=1, echo=True
+    )
+    assert both.choices[0].text == text + plain.choices[0].text
+    assert both.choices[0].logprobs.token_logprobs[len(ids) :] == plain.choices[0].logprobs.token_logprobs
+    np.testing.assert_allclose(both.choices[0].logprobs.token_logprobs[1 : len(ids)], lp.token_logprobs[1:], atol=1e-5)
+    streamed = list(
+        client.completions.create(
+            model=str(tiny_untied), prompt=text, max_tokens=5, temperature=0, logprobs=1, echo=True, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed) == both.choices[0].text
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == both.choices[0].logprobs.tokens
+
+
 def test_cached_tokens_count_a_repeated_prefix(client, local, tiny_untied):
     messages = [{"role": "system", "content": "Numbers 12345 " * 8}, {"role": "user", "content": "first question"}]
     first = client.chat.completions.create(model=str(tiny_untied), messages=messages, max_tokens=3, temperature=0)
@@ -523,6 +558,14 @@ BAD = [
     ("best_of streamed", "/v1/completions", {"prompt": "a", "best_of": 2, "stream": True}, 400, "stream"),
     ("suffix without FIM tokens", "/v1/completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
     ("suffix with echo", "/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, 400, "echo"),
+    ("max_tokens 0 without echo", "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    (
+        "chat max_tokens 0",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "max_tokens": 0},
+        400,
+        "max_tokens",
+    ),  # fmt: skip
     ("detokenize out of vocabulary", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
     ("tokenize neither", "/tokenize", {}, 400, "prompt"),
     (

@@ -73,10 +73,11 @@ class Generation:
 class Choice:
     """One choice's output so far; `add` turns an event into the delta to stream."""
 
-    def __init__(self, index: int, tokenizer: Tokenizer, tools: bool):
+    def __init__(self, index: int, tokenizer: Tokenizer, tools: bool, prompt: list[int] | None = None):
         self.index, self.tokenizer = index, tokenizer
         self.parser = ToolCallParser() if tools else None
         self.text, self.calls, self.logprobs = "", [], []
+        self.prompt_ids, self.prompt_logprobs = prompt, None  # the prompt's token entries, once scored
         self.finish: str | None = None
         self.prompt = self.generated = self.cached = 0
         self.speculative: dict[str, int] | None = None
@@ -91,6 +92,11 @@ class Choice:
                 "accepted_tokens": stats.accepted,
                 "target_passes": stats.passes,
             }
+        if event.prompt_logprobs is not None and self.prompt_ids is not None:
+            self.prompt_logprobs = [
+                _token_logprob(self.tokenizer, t, lp, top)
+                for t, (lp, top) in zip(self.prompt_ids, event.prompt_logprobs)
+            ]
         if event.logprob is not None and event.token not in self.tokenizer.eos_token_ids:
             self.logprobs.append(_token_logprob(self.tokenizer, event.token, event.logprob, event.top_logprobs))
         delta: dict[str, Any] = {}
@@ -112,14 +118,17 @@ class Choice:
 
 
 def _token_logprob(
-    tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
+    tokenizer: Tokenizer, token: int, logprob: float | None, top: list[tuple[int, float]] | None
 ) -> dict[str, Any]:
-    def entry(t: int, lp: float) -> dict[str, Any]:
+    """A token's entry; a prompt's first token has no log-probability (None) and no top tokens (None)."""
+
+    def entry(t: int, lp: float | None) -> dict[str, Any]:
         raw = tokenizer.token_bytes(t)
         text = raw.decode("utf-8", errors="replace") if raw else tokenizer.id_to_token(t) or ""
         return {"token": text, "logprob": lp, "bytes": list(raw or text.encode())}
 
-    return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
+    tops = None if logprob is None else [entry(t, lp) for t, lp in top or []]
+    return {**entry(token, logprob), "top_logprobs": tops}
 
 
 def _totals(choices: list[Choice], n: int) -> dict[str, Any]:
@@ -264,8 +273,8 @@ def _chat_choice(c: Choice, logprobs: bool) -> dict[str, Any]:
 async def complete(served: Served, body: schema.CompletionRequest, http: HttpRequest) -> Response:
     arrived = time.monotonic()
     served.check_model(body.model)
-    if body.echo and body.logprobs is not None:
-        raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens 0 generates nothing: it goes with echo (to score the prompt)", param="max_tokens")
     if body.echo and body.suffix is not None:
         raise ApiError(400, "echo with suffix is not supported: the reply is the text that fills the gap", param="echo")
     best_of = body.best_of or body.n
@@ -277,18 +286,22 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
     grammar = response_grammar(served, body)
     ranked = 0 if best_of > body.n and body.logprobs is None else body.logprobs  # best_of ranks by logprob
     specs = [s for ids in prompts for s in plan(served, ids, body, grammar, ranked, "prompt", best_of)]
+    scored = body.echo and body.logprobs is not None  # the prompt's tokens get log-probabilities too
+    for spec in specs if scored else []:
+        spec.prompt_logprobs = body.logprobs
     gen = Generation(served, specs, arrived)
     id_ = schema.new_id("cmpl")
     http.scope["state"]["log"]["id"] = id_
-    choices = [Choice(i, served.tokenizer, False) for i in range(len(specs))]
+    choices = [Choice(i, served.tokenizer, False, specs[i].prompt if scored else None) for i in range(len(specs))]
     echoes = [served.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
     model = served.model_id
 
-    def piece(c: Choice, text: str, seen: int, finish: str | None) -> dict[str, Any]:
+    def piece(c: Choice, text: str, seen: int, finish: str | None, echoed: bool = False) -> dict[str, Any]:
+        entries = (c.prompt_logprobs or []) + c.logprobs[seen:] if echoed else c.logprobs[seen:]
         return {
             "index": c.index,
             "text": text,
-            "logprobs": _legacy_logprobs(c.logprobs[seen:]) if body.logprobs is not None else None,
+            "logprobs": _legacy_logprobs(entries) if body.logprobs is not None else None,
             "finish_reason": finish,
         }
 
@@ -296,7 +309,7 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         await _collect(gen, http, lambda e: choices[gen.index[e.id]].add(e))
         _record(served, http, choices, best_of)
         usage = _totals(choices, best_of)  # every sequence generated counts, as with OpenAI's best_of
-        out = [piece(c, echoes[c.index] + c.text, 0, c.finish) for c in _best(choices, best_of, body.n)]
+        out = [piece(c, echoes[c.index] + c.text, 0, c.finish, scored) for c in _best(choices, best_of, body.n)]
         return JSONResponse(schema.envelope(id_, "text_completion", model, out, usage=usage))
 
     usage_too = bool(body.stream_options and body.stream_options.include_usage)
@@ -306,9 +319,14 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
         c = choices[gen.index[event.id]]
         seen = len(c.logprobs)
         text = c.add(event).get("content", "")
-        if not text and c.finish is None and len(c.logprobs) == seen:
-            return []
-        return [schema.envelope(id_, "text_completion", model, [piece(c, text, seen, c.finish)], **extra)]
+        out = []
+        if scored and event.prompt_logprobs is not None:  # the echo goes first, now that the prompt is scored
+            echo = {"index": c.index, "text": echoes[c.index], "finish_reason": None}
+            echo["logprobs"] = _legacy_logprobs(c.prompt_logprobs or [])
+            out.append(schema.envelope(id_, "text_completion", model, [echo], **extra))
+        if text or c.finish is not None or len(c.logprobs) > seen:
+            out.append(schema.envelope(id_, "text_completion", model, [piece(c, text, seen, c.finish)], **extra))
+        return out
 
     def closing() -> list[dict[str, Any]]:
         _record(served, http, choices, body.n)
@@ -317,7 +335,7 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
 
     opening = (
         [schema.envelope(id_, "text_completion", model, [piece(c, echoes[c.index], 0, None)], **extra) for c in choices]
-        if body.echo
+        if body.echo and not scored
         else []
     )
     return StreamingResponse(
@@ -352,6 +370,9 @@ def _legacy_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "top_logprobs": [
+            None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+            for e in entries
+        ],
         "text_offset": offsets,
     }

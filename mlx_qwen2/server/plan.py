@@ -71,6 +71,7 @@ class Spec:
     bias: dict[int, float] | None = None
     penalties: tuple[float, float] | None = None  # presence, frequency
     grammar: str | None = None
+    prompt_logprobs: int | None = None  # completions' echo with logprobs
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -83,7 +84,10 @@ class Spec:
         speculative = None if d["speculative"] is None else SpeculativeConfig(**d["speculative"])
         bias = None if d["bias"] is None else {int(k): v for k, v in d["bias"]}
         penalties = None if d["penalties"] is None else tuple(d["penalties"])
-        return cls(d["prompt"], config, tuple(d["id"]), d["logprobs"], speculative, bias, penalties, d["grammar"])
+        return cls(
+            d["prompt"], config, tuple(d["id"]), d["logprobs"], speculative, bias, penalties, d["grammar"],
+            d["prompt_logprobs"],
+        )  # fmt: skip
 
 
 def request_of(grammars: Grammars, spec: Spec) -> Request:
@@ -96,7 +100,9 @@ def request_of(grammars: Grammars, spec: Spec) -> Request:
         processors.append(penalty_processor(*spec.penalties, n))
     if spec.grammar is not None:
         processors.append(grammars.processor(spec.grammar, n))
-    return Request(list(spec.prompt), spec.config, spec.id, processors, spec.logprobs, spec.speculative)
+    return Request(
+        list(spec.prompt), spec.config, spec.id, processors, spec.logprobs, spec.prompt_logprobs, spec.speculative
+    )
 
 
 def plan(
@@ -118,7 +124,8 @@ def plan(
     count = count or body.n
     if count > served.settings.max_n:
         raise ApiError(400, f"n is {count}; this server allows at most {served.settings.max_n}", param="n")
-    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.settings.default_max_tokens
+    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    wanted = served.settings.default_max_tokens if wanted is None else wanted  # 0: completions scoring a prompt
     bias = _logit_bias(body.logit_bias, served.model.args.vocab_size)
     speculative = _speculative(served, body, constrained=grammar is not None)
     penalties = (

@@ -133,6 +133,7 @@ class CompletionRequest(_Sampling):
         | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 with echo and logprobs: score the prompt
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
