@@ -7,6 +7,7 @@ weights (.bin, .pt) are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,15 @@ from .backends.cpu.fast import use_fast_layers
 from .errors import UserError
 from .files import check_safetensors, load_safetensors, read_json, read_slice
 from .models import Model, args_from_config, build
-from .parallel import MODES, check_same_everywhere, shard_pipeline, shard_tensor_parallel, tensor_parallel_axis
+from .parallel import (
+    MODES,
+    adapter_axis,
+    check_same_everywhere,
+    local_part,
+    shard_pipeline,
+    shard_tensor_parallel,
+    tensor_parallel_axis,
+)
 from .tokenizer import Tokenizer, check_same_vocab
 from .tuner.adapters import load_adapters
 
@@ -214,26 +223,45 @@ def load(
     config = read_config(folder)
     model = build(args_from_config(config))  # no weights yet: a wrong folder is told by its config first
     tokenizer = Tokenizer.from_folder(folder, eos_token_ids=eos_ids(folder))
-    shard = local_key = None
+    shard = local_key = select = None
     if group is not None and group.size() > 1:
         if parallel not in MODES:
             raise UserError(f"parallel must be one of {', '.join(MODES)}, got {parallel!r}.")
-        if adapter_path is not None:
-            raise UserError(
-                "adapters are not applied across ranks; fuse them into the model first (python -m mlx_qwen2.fuse)."
-            )
-        check_same_everywhere(group, config, str(dtype), parallel)
+        check_same_everywhere(group, config, str(dtype), parallel, adapter_digest(adapter_path))
+        rank, n = group.rank(), group.size()
         if parallel == "tensor":
             shard_tensor_parallel(model, group, quantization_block(config).get("group_size"))
-            shard = (tensor_parallel_axis, group.rank(), group.size())
+            shard = (tensor_parallel_axis, rank, n)
+
+            def select(key: str, w: mx.array) -> tuple[str, mx.array]:  # this rank's part of every adapter
+                return key, local_part(w, adapter_axis(key), rank, n)
         else:
             local_key = shard_pipeline(model, group)
+
+            def select(key: str, w: mx.array) -> tuple[str, mx.array] | None:  # the adapters of this rank's layers
+                local = local_key(key)
+                return None if local is None else (local, w)
+
     _with_weights(model, folder, config, dtype, lazy, shard, local_key)
     if fast:
         use_fast_layers(model)
     if adapter_path is not None:
-        load_adapters(model, adapter_path)
+        load_adapters(model, adapter_path, select)
     return model, tokenizer
+
+
+def adapter_digest(adapter_path: str | os.PathLike[str] | None) -> str | None:
+    """A digest of an adapter folder's two files (so that ranks given different adapters refuse to start)."""
+    if adapter_path is None:
+        return None
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        path = Path(adapter_path) / name
+        if path.is_file():  # a missing file is reported by load_adapters, on every rank
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def load_draft(

@@ -131,6 +131,43 @@ def tensor_parallel_axis(key: str) -> int | None:
     return None
 
 
+def adapter_axis(key: str) -> int | None:
+    """The axis an adapter tensor is split along under tensor parallel (None: every rank holds it all).
+
+    LoRA's update (x A) B follows its layer's split: where the layer's output rows are split, so is B's
+    output axis (A is replicated); where its input is split (o_proj, down_proj), so is A's input axis, and
+    the ranks' partial updates are summed with the layer's. DoRA's magnitude follows the output rows; on a
+    layer with a split input its row norms would span the ranks: refused. Full fine-tuning saves weights,
+    split as the checkpoint's."""
+    path, _, leaf = key.rpartition(".")
+    if leaf not in ("lora_a", "lora_b", "m"):
+        return tensor_parallel_axis(key)
+    base = tensor_parallel_axis(path + ".weight")
+    if base is None:
+        return None
+    experts = ".switch_mlp." in key  # A (E, r, in), B (E, out, r); a dense layer's: A (in, r), B (r, out)
+    if base != -1:  # output rows split
+        return 0 if leaf == "m" else (1 if experts else -1) if leaf == "lora_b" else None
+    if leaf == "m":
+        raise UserError(
+            f"DoRA on {path} cannot be split over ranks (its row norms span them); fuse the adapters first "
+            "(python -m mlx_qwen2.fuse), or use --parallel pipeline."
+        )
+    return (-1 if experts else 0) if leaf == "lora_a" else None
+
+
+def local_part(w: mx.array, axis: int | None, rank: int, n: int) -> mx.array:
+    """Rank `rank`'s part of `n` equal parts of `w` along `axis` (all of it for None)."""
+    if axis is None:
+        return w
+    if w.shape[axis] % n:
+        raise UserError(f"a tensor of shape {tuple(w.shape)} does not split into {n} equal parts along axis {axis}.")
+    size = w.shape[axis] // n
+    index = [slice(None)] * w.ndim
+    index[axis] = slice(rank * size, (rank + 1) * size)
+    return w[tuple(index)]
+
+
 def stage_layers(num_layers: int, rank: int, n: int) -> range:
     """The contiguous block of layers of pipeline stage `rank` (the first stages take the remainder)."""
     if num_layers < n:

@@ -17,12 +17,15 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_qwen2 import stream_generate
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
+from mlx_qwen2.models.qwen2 import PROJECTIONS
 from mlx_qwen2.parallel import tensor_parallel_axis
+from mlx_qwen2.tuner.adapters import EXPERTS, SHARED_EXPERT, adapter_config, apply_adapters
 from tests.tiny import make_checkpoint, make_moe_checkpoint, quantized_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,16 +58,17 @@ def launch(argv: list[str], n: int = 2, timeout: float = 120, stdin: str = "") -
     return subprocess.CompletedProcess(cmd, proc.returncode or int(bool(failed)), out, err)
 
 
-def run_ranks(model: Path, mode: str, tmp_path: Path, n: int = 2) -> list[dict]:
+def run_ranks(model: Path, mode: str, tmp_path: Path, n: int = 2, adapters: Path | None = None) -> list[dict]:
     out = tmp_path / f"{mode}-out"
     out.mkdir()
-    done = launch([str(ROOT / "tests" / "parallel_worker.py"), str(model), mode, str(out), json.dumps(IDS)], n)
+    argv = [str(ROOT / "tests" / "parallel_worker.py"), str(model), mode, str(out), json.dumps(IDS)]
+    done = launch(argv + (["8", str(adapters)] if adapters else []), n)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
-def single(model: Path) -> tuple[np.ndarray, list[int]]:
-    m, _ = load(model)
+def single(model: Path, adapters: Path | None = None) -> tuple[np.ndarray, list[int]]:
+    m, _ = load(model, adapter_path=adapters)
     logits = np.array(m(mx.array([IDS]))[0])
     seq = list(IDS)
     for _ in range(8):
@@ -109,6 +113,44 @@ def test_two_ranks_compute_what_one_process_computes(kind, mode, request, tmp_pa
         ] * 2
     else:  # each rank its block of layers, all heads
         assert sum(r["layers"] for r in ranks) == (4 if kind.startswith("moe") else 3) and ranks[0]["q_proj"][0] == 64
+
+
+def make_adapters(model: Path, folder: Path, keys: tuple[str, ...], dora: bool = False, layers: int = 2) -> Path:
+    """Adapters on the last `layers` layers with random (non-zero) values, saved as lora writes them."""
+    m, _ = load(model)
+    apply_adapters(m, layers, rank=4, scale=2.0, keys=keys, dora=dora)
+    for i, (name, p) in enumerate(tree_flatten(m.trainable_parameters())):
+        if not name.endswith(".m"):
+            p[...] = mx.random.normal(p.shape, key=mx.random.key(i)) * 0.05
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(m.trainable_parameters())))
+    config = adapter_config("dora" if dora else "lora", layers, 4, 2.0, 0.0, keys)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+@pytest.mark.parametrize("kind", ["dense", "moe_4bit"])
+def test_adapters_across_ranks_compute_what_one_process_computes(kind, mode, request, tmp_path):
+    model = request.getfixturevalue(kind)
+    keys = PROJECTIONS if kind == "dense" else PROJECTIONS + SHARED_EXPERT + EXPERTS
+    adapters = make_adapters(model, tmp_path / "adapters", keys)
+    logits, tokens = single(model, adapters)
+    assert np.abs(logits - single(model)[0]).max() > 1e-3  # the adapters change the logits
+    for r in run_ranks(model, mode, tmp_path, adapters=adapters):
+        np.testing.assert_allclose(np.array(r["logits"]), logits, atol=1e-5, rtol=0)
+        assert r["tokens"] == tokens
+
+
+def test_dora_across_ranks(dense, tmp_path):
+    """Pipeline: as one process. Tensor: refused where a layer's input is split (its norms span the ranks)."""
+    adapters = make_adapters(dense, tmp_path / "dora", ("self_attn.q_proj", "self_attn.o_proj"), dora=True)
+    logits, _ = single(dense, adapters)
+    for r in run_ranks(dense, "pipeline", tmp_path, adapters=adapters):
+        np.testing.assert_allclose(np.array(r["logits"]), logits, atol=1e-5, rtol=0)
+    results = by_hand([generate_cmd(dense, "--adapter-path", str(adapters))] * 2, tmp_path)
+    for rc, err in results:
+        assert rc == 1 and "self_attn.o_proj cannot be split over ranks" in err, err[-500:]
 
 
 def test_each_rank_holds_its_share(dense, tmp_path):
@@ -195,6 +237,13 @@ def test_a_rank_that_never_starts_is_a_timeout_not_a_hang(dense, tmp_path):
 
 def test_ranks_given_different_models_refuse_to_start(dense, moe, tmp_path):
     results = by_hand([generate_cmd(dense), generate_cmd(moe)], tmp_path)
+    for rc, err in results:
+        assert rc == 1 and "different models or settings" in err.strip().splitlines()[-1], err[-500:]
+
+
+def test_ranks_given_different_adapters_refuse_to_start(dense, tmp_path):
+    adapters = make_adapters(dense, tmp_path / "a", PROJECTIONS)
+    results = by_hand([generate_cmd(dense, "--adapter-path", str(adapters)), generate_cmd(dense)], tmp_path)
     for rc, err in results:
         assert rc == 1 and "different models or settings" in err.strip().splitlines()[-1], err[-500:]
 

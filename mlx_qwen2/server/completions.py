@@ -274,7 +274,9 @@ async def complete(served: Served, body: schema.CompletionRequest, http: HttpReq
     arrived = time.monotonic()
     served.check_model(body.model)
     if body.max_tokens == 0 and not body.echo:
-        raise ApiError(400, "max_tokens 0 generates nothing: it goes with echo (to score the prompt)", param="max_tokens")
+        raise ApiError(
+            400, "max_tokens 0 generates nothing: it goes with echo (to score the prompt)", param="max_tokens"
+        )
     if body.echo and body.suffix is not None:
         raise ApiError(400, "echo with suffix is not supported: the reply is the text that fills the gap", param="echo")
     best_of = body.best_of or body.n

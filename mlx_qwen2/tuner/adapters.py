@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +167,10 @@ def apply_adapters(
     dropout: float = DEFAULT_DROPOUT,
     keys: tuple[str, ...] | list[str] | None = None,
     dora: bool = False,
+    layers: list[nn.Module] | None = None,
 ) -> None:
-    """Freeze the model and wrap `keys` of its last `num_layers` layers in trainable adapters."""
-    chosen = last_layers(model, num_layers)
+    """Freeze the model and wrap `keys` of its last `num_layers` layers (or of `layers`) in trainable adapters."""
+    chosen = last_layers(model, num_layers) if layers is None else layers
     keys = tuple(keys or DEFAULT_KEYS)
     unknown = [k for k in keys if k not in KEYS]
     if unknown:
@@ -256,8 +258,15 @@ def _adapted_paths(weights: dict[str, mx.array]) -> list[str]:
     return sorted(found)
 
 
-def load_adapters(model: nn.Module, adapter_path: str | Path) -> None:
-    """Apply the adapters saved in a folder (ours or mlx-lm's) to a loaded model."""
+Select = Callable[[str, mx.array], "tuple[str, mx.array] | None"]
+
+
+def load_adapters(model: nn.Module, adapter_path: str | Path, select: Select | None = None) -> None:
+    """Apply the adapters saved in a folder (ours or mlx-lm's) to a loaded model.
+
+    A model that holds a share of the layers or of their widths (parallel.py) gives `select`: each saved
+    (key, tensor) -> this process's (key, part), or None where it holds none of it; the layers adapted are
+    then those the selected tensors name."""
     folder = Path(adapter_path)
     config_path, weights_path = folder / "adapter_config.json", folder / "adapters.safetensors"
     for p in (config_path, weights_path):
@@ -265,11 +274,15 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> None:
             raise UserError(f"{p} not found: an adapter folder holds adapter_config.json and adapters.safetensors.")
     kind, num_layers, p = read_adapter_config(config_path)
     weights = load_safetensors(weights_path)
+    keys = list(p.get("keys") or _adapted_paths(weights))  # without keys (mlx-lm's default): those in the file
+    layers = None
+    if select is not None:
+        weights = dict(kv for kv in (select(k, w) for k, w in weights.items()) if kv is not None)
+        held = sorted({int(m.group(1)) for k in weights if (m := re.match(r"^model\.layers\.(\d+)\.", k))})
+        layers = [model.layers[i] for i in held]
     if kind != "full":
-        # Without keys (mlx-lm's default: every Linear of a layer), the adapted layers are those in the file.
-        keys = list(p.get("keys") or _adapted_paths(weights))
         rank, scale = p.get("rank", DEFAULT_RANK), p.get("scale", DEFAULT_SCALE)
-        apply_adapters(model, num_layers, rank, scale, 0.0, keys, kind == "dora")
+        apply_adapters(model, num_layers, rank, scale, 0.0, keys, kind == "dora", layers)
     params = dict(tree_flatten(model.parameters()))
     bad = [
         f"{k} {tuple(w.shape)} (model: {tuple(params[k].shape) if k in params else 'absent'})"
