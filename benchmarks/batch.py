@@ -2,7 +2,7 @@
 
     python -m benchmarks.batch [--models float32 bfloat16 4bit] [--batches 1 4 8 16] [--prompt-tokens 32]
                                [--gen-tokens 32] [--user-batches 1 8] [--user-models float32 bfloat16]
-                               [--skip-kv] [--skip-prefix]
+                               [--skip-kv] [--skip-prefix] [--skip-kinds] [--kinds-window 256]
 
 1. Aggregate generated tokens/s (prefill included) of `batch_generate` at each batch size, ours and
    mlx-lm's, each measurement in a fresh process (benchmarks/batch_worker.py), end tokens ignored so
@@ -14,6 +14,10 @@
    the float, 8-bit and 4-bit caches, and the perplexity each gives.
 3. The prefix cache: time to first token of a request after another that shares a 1,000-token prefix,
    against the first one's.
+4. Cache kinds in a batch (--kinds-batch prompts of --kinds-prompt tokens, --kinds-gen new tokens each,
+   float32 real model): the plain cache, a bounded one (--kinds-window) and the 8-bit one, ours beside
+   mlx-lm's batch_generate (plain, and with its max_kv_size) with the same OpenBLAS: tokens/s, the
+   largest our batch cache got, MLX's peak.
 """
 
 from __future__ import annotations
@@ -107,6 +111,41 @@ def prefix(prefix_tokens: int = 1000) -> dict:
     return {"first": times[0], "second": times[1], "ratio": times[1]["ttft_s"] / times[0]["ttft_s"]}
 
 
+def cache_kinds(args: argparse.Namespace) -> dict:
+    folder = real_model_folder()
+    tok = Tokenizer.from_folder(folder)
+    ids = tok.encode(eval_text())
+    step = args.kinds_prompt + 16
+    prompts = [ids[i * step : i * step + args.kinds_prompt + 4 * (i % 4)] for i in range(args.kinds_batch)]
+    window = ["--max-kv-size", str(args.kinds_window)]
+    runs = [("mlx_qwen2", "plain", []), ("mlx_qwen2", "bounded", window), ("mlx_qwen2", "8-bit", ["--kv-bits", "8"]),
+            ("mlx-lm + OpenBLAS", "plain", []), ("mlx-lm + OpenBLAS", "bounded", window)]  # fmt: skip
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file = Path(tmp) / "prompts.json"
+        ids_file.write_text(json.dumps(prompts))
+        argv = ["--model", str(folder), "--ids", str(ids_file), "--batch", str(args.kinds_batch)]
+        argv += ["--gen-tokens", str(args.kinds_gen)]
+        for tool, kind, flags in runs:
+            out[f"{tool} / {kind}"] = run_worker("batch_worker", tool, argv + flags, args.timeout)
+            print(f"kinds {tool} {kind}: {out[f'{tool} / {kind}']}", flush=True)
+    return out
+
+
+def kinds_table(kinds: dict) -> str:
+    lines = ["| cache | mlx_qwen2 tok/s | mlx-lm + OpenBLAS tok/s | ours / same BLAS | our largest cache | our MLX peak |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for kind in ("plain", "bounded", "8-bit"):
+        ours, theirs = kinds.get(f"mlx_qwen2 / {kind}"), kinds.get(f"mlx-lm + OpenBLAS / {kind}")
+        a, b = (ours or {}).get("tokens_per_s"), (theirs or {}).get("tokens_per_s")
+        cells = ["-" if a is None else f"{a:.2f}", "-" if b is None else f"{b:.2f}",
+                 "-" if a is None or b is None else f"{a / b:.2f}x",
+                 "-" if ours is None else f"{ours['cache_gb'] * 1e3:.1f} MB",
+                 "-" if ours is None else f"{ours['peak_gb']:.3f} GB"]  # fmt: skip
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     lines = ["| model / batch | mlx_qwen2 tok/s | mlx-lm + OpenBLAS | mlx-lm (as its users run it) | "
              "ours / same BLAS | ours / users' | ours vs our batch 1 | peak (MLX) / weights + cache |",
@@ -133,7 +172,7 @@ def table(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["float32", "bfloat16", "4bit"])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16], help="none: skip part 1")
     p.add_argument("--user-batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--user-models", nargs="*", default=["float32", "bfloat16"], help="(4-bit: ~0.5 prompt tokens/s)")
     p.add_argument("--lm-batches", type=int, nargs="*", default=None, help="mlx-lm + OpenBLAS only at these")
@@ -142,6 +181,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-kv", action="store_true")
     p.add_argument("--skip-prefix", action="store_true")
+    p.add_argument("--skip-kinds", action="store_true")
+    p.add_argument("--kinds-batch", type=int, default=8)
+    p.add_argument("--kinds-prompt", type=int, default=256)
+    p.add_argument("--kinds-gen", type=int, default=128)
+    p.add_argument("--kinds-window", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "bench-out" / "batch.json"))
     args = p.parse_args()
     report = {"args": vars(args), "throughput": throughput(args) if args.batches else {}}
@@ -149,6 +193,8 @@ def main() -> None:
         report["kv"] = kv_cache()
     if not args.skip_prefix:
         report["prefix"] = prefix()
+    if not args.skip_kinds:
+        report["kinds"] = cache_kinds(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(table(report["throughput"]))
@@ -160,6 +206,8 @@ def main() -> None:
                   f"perplexity {r['perplexity']:.4f} vs {f['perplexity']:.4f}")  # fmt: skip
     if "prefix" in report:
         print(f"prefix cache: second request's time to first token {report['prefix']['ratio']:.3f}x the first's")
+    if "kinds" in report:
+        print(kinds_table(report["kinds"]))
 
 
 if __name__ == "__main__":
