@@ -4,10 +4,11 @@ length, aligned on their newest token).
 
 `BatchRotatingKVCache` holds, for every row, the position of each of its columns. A query at position q
 sees the keys of its own row at positions p with p <= q and (p < keep or p > q - (max_size - keep)):
-the same keys a `RotatingKVCache` gives it. Once the buffer is min(step, max_size) columns past
+the same keys a `RotatingKVCache` gives it. Once the buffer is min(step, max_size / 4) columns past
 max_size it is compacted: each row keeps only the columns a later query can see (its kept prefix and
-its latest max_size - keep - 1), gathered to the right; so a row never holds more than about twice
-max_size columns (plus a prefill chunk), and usually max_size.
+its latest max_size - keep - 1), gathered to the right; so a row never holds more than 1.25 max_size
+columns (plus a prefill chunk). A compaction copies about max_size columns, once every
+min(step, max_size / 4) tokens: a few columns a token, where attention reads max_size.
 
 `BatchQuantizedKVCache` quantizes each key and value vector as it arrives (the single cache's format),
 so a row's numbers do not depend on the rows beside it. Knows nothing of the model.
@@ -34,6 +35,7 @@ class BatchRotatingKVCache(BatchKVCache):
         super().__init__(None, None, [0] * len(left_pad), step)
         self.max_size, self.keep = max_size, keep
         self.seen = [-p for p in left_pad]  # each row's next position (a padded row starts below 0)
+        self._slack = min(step, max(max_size // 4, 1))  # columns past max_size before a compaction
         self.pos = mx.zeros((len(left_pad), 0), dtype=mx.int32)  # (B, size): each column's position
 
     @classmethod
@@ -77,7 +79,7 @@ class BatchRotatingKVCache(BatchKVCache):
         new = mx.array(self.seen)[:, None] + mx.arange(length)[None]
         self.pos = mx.concatenate([self.pos, new.astype(mx.int32)], axis=1)
         self.seen = [s + length for s in self.seen]
-        if self._size >= self.max_size + min(self.step, self.max_size):
+        if self._size >= self.max_size + self._slack:
             self._compact()
         return out
 
