@@ -186,7 +186,7 @@ BATCH_PROMPTS = [IDS[:3], IDS[5:25], IDS, IDS[10:19]]
 
 def run_engine(model, tok, prompts, budgets, cache_config, max_batch):
     """Every prompt through one engine (chunks of 5, rows joining as others leave); tokens per prompt and the
-    widest the batch cache grew."""
+    widest the batch cache's buffer grew (columns allocated)."""
     engine = Engine(model, tok, max_batch=max_batch, prefill_step_size=5, cache_config=cache_config)
     for i, (ids, n) in enumerate(zip(prompts, budgets)):
         engine.add(Request(ids, GenerationConfig(max_tokens=n), id=i))
@@ -194,7 +194,7 @@ def run_engine(model, tok, prompts, budgets, cache_config, max_batch):
     while engine.busy:
         for e in engine.step():
             out.setdefault(e.id, []).append(e.token)
-        widest = max(widest, engine.batch_cache[0].size if engine.batch_cache else 0)
+        widest = max(widest, engine.batch_cache[0].keys.shape[2] if engine.batch_cache else 0)  # allocated
     return [out[i] for i in range(len(prompts))], widest
 
 

@@ -55,13 +55,17 @@ class BatchKVCache:
         if self.keys is None:
             self.keys, self.values = keys[..., :0, :], values[..., :0, :]
         if start + length > self.keys.shape[2]:
-            room = -(-(start + length) // self.step) * self.step - self.keys.shape[2]
+            room = self._capacity(start + length) - self.keys.shape[2]
             widths = [(0, 0), (0, 0), (0, room), (0, 0)]
             self.keys, self.values = mx.pad(self.keys, widths), mx.pad(self.values, widths)
         self._size = start + length
         self.keys[..., start : self._size, :] = keys
         self.values[..., start : self._size, :] = values
         return self.keys[..., : self._size, :], self.values[..., : self._size, :]
+
+    def _capacity(self, needed: int) -> int:
+        """Columns to allocate when `needed` no longer fit: whole steps, so growing is rare."""
+        return -(-needed // self.step) * self.step
 
     def trim(self, n: int) -> int:
         """Forget the last `n` columns of every row (proposals refused in speculative decoding)."""

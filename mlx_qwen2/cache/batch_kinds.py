@@ -83,6 +83,9 @@ class BatchRotatingKVCache(BatchKVCache):
             self._compact()
         return out
 
+    def _capacity(self, needed: int) -> int:
+        return min(super()._capacity(needed), max(needed, self.max_size + self._slack))  # no room past the bound
+
     def _compact(self) -> None:
         """Keep of each row only what a later query can see, gathered to the right."""
         pos, seen = np.array(self.pos), np.array(self.seen)[:, None]
