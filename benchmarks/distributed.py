@@ -7,7 +7,8 @@ Two ranks here share two cores (and one memory bus; each rank gets OpenBLAS thre
 the cores), so no speed-up is expected; what this measures is
 each rank's memory (MLX's peak while loading and while generating) and its speed, and it counts the bytes a
 rank sends per decoded token: tensor parallel, two all-reduces of the hidden state per layer (a ring
-all-reduce sends 2 (N - 1) / N of the data); pipeline, one hidden state per stage boundary plus the
+all-reduce sends 2 (N - 1) / N of the data), and for an untied output layer the gather of the logits;
+pipeline, one hidden state per stage boundary plus the
 gather of the last stage's output. From those counts, the time per token they cost on a link of the
 given bandwidth and per-message latency (an estimate for two Macs, not a measurement).
 """
@@ -48,7 +49,11 @@ def traffic(config: dict, mode: str, ranks: int = 2) -> tuple[float, int]:
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     state = hidden * 4
     if mode == "tensor":  # a ring all-reduce: 2 (N - 1) steps of 1/N of the data each
-        return 2 * layers * state * 2 * (ranks - 1) / ranks, 2 * layers * 2 * (ranks - 1)
+        sent, messages = 2 * layers * state * 2 * (ranks - 1) / ranks, 2 * layers * 2 * (ranks - 1)
+        vocab = config["vocab_size"]
+        if not config.get("tie_word_embeddings", False) and vocab % ranks == 0:  # the logits gathered
+            sent, messages = sent + vocab * 4 * (ranks - 1) / ranks, messages + ranks - 1
+        return sent, messages
     return state + state * (ranks - 1), 1 + (ranks - 1)  # one stage boundary, then the all-gather
 
 

@@ -7,6 +7,7 @@ weights (.bin, .pt) are refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from .parallel import (
     local_part,
     shard_pipeline,
     shard_tensor_parallel,
+    splits_head,
     tensor_parallel_axis,
 )
 from .tokenizer import Tokenizer, check_same_vocab
@@ -230,11 +232,12 @@ def load(
         check_same_everywhere(group, config, str(dtype), parallel, adapter_digest(adapter_path))
         rank, n = group.rank(), group.size()
         if parallel == "tensor":
-            shard_tensor_parallel(model, group, quantization_block(config).get("group_size"))
-            shard = (tensor_parallel_axis, rank, n)
+            model = shard_tensor_parallel(model, group, quantization_block(config).get("group_size"))
+            split_head = splits_head(model.args, n)
+            shard = (functools.partial(tensor_parallel_axis, split_head=split_head), rank, n)
 
             def select(key: str, w: mx.array) -> tuple[str, mx.array]:  # this rank's part of every adapter
-                return key, local_part(w, adapter_axis(key), rank, n)
+                return key, local_part(w, adapter_axis(key, split_head), rank, n)
         else:
             local_key = shard_pipeline(model, group)
 

@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
-from .models import Model, ModelArgs, MoeArgs
+from .models import Model, ModelArgs, MoeArgs, qwen2, qwen2_moe
 from .models.base import retyped
 from .models.experts import SwitchGLU
 from .models.qwen2 import MLP, Attention, Qwen2Model
@@ -58,6 +58,32 @@ class TensorParallelMoe(_Summed, SparseMoeBlock):
     """Routing on every rank (replicated router), experts and shared expert over this rank's columns."""
 
 
+class _GatheredHead:
+    """Mixed into a model whose output layer holds this rank's share of the vocabulary: the ranks' logits
+    gathered, in rank order, into the whole vocabulary's on every rank."""
+
+    group: mx.distributed.Group
+
+    def head(self, h: mx.array) -> mx.array:
+        local = super().head(h)  # (B, L, vocab / n)
+        gathered = mx.distributed.all_gather(mx.moveaxis(local, -1, 0), group=self.group)  # along axis 0
+        return mx.moveaxis(gathered, 0, -1)
+
+
+class TensorParallelModel(_GatheredHead, qwen2.Model):
+    """Dense Qwen2 with its output layer split by vocabulary over the ranks."""
+
+
+class TensorParallelMoeModel(_GatheredHead, qwen2_moe.Model):
+    """Qwen2-MoE with its output layer split by vocabulary over the ranks."""
+
+
+def splits_head(args: ModelArgs, n: int) -> bool:
+    """Whether tensor parallel splits the output layer by vocabulary: when it is its own matrix (not the
+    tied embedding, which every rank needs whole to look tokens up) and the vocabulary divides by n."""
+    return not args.tie_word_embeddings and args.vocab_size % n == 0
+
+
 def check_tensor_parallel(args: ModelArgs, n: int, group_size: int | None = None) -> None:
     """UserError unless every split width divides by the number of ranks (and, quantized, into whole groups)."""
     widths = {"num_key_value_heads": args.n_kv_heads, "num_attention_heads": args.num_attention_heads,
@@ -85,8 +111,9 @@ def check_tensor_parallel(args: ModelArgs, n: int, group_size: int | None = None
             )
 
 
-def shard_tensor_parallel(model: Model, group: mx.distributed.Group, group_size: int | None = None) -> None:
-    """In place: every layer's modules replaced by ones of this rank's shapes (fresh weights, to be loaded).
+def shard_tensor_parallel(model: Model, group: mx.distributed.Group, group_size: int | None = None) -> Model:
+    """Every layer's modules replaced by ones of this rank's shapes (fresh weights, to be loaded), and the
+    output layer too where `splits_head`; returns the model (of a class that gathers the logits then).
     `group_size`: the checkpoint's quantization group size, if it is quantized."""
     n = group.size()
     args = model.args
@@ -107,6 +134,11 @@ def shard_tensor_parallel(model: Model, group: mx.distributed.Group, group_size:
             layer.mlp = retyped(m, TensorParallelMoe, group=group)
         else:
             layer.mlp = retyped(MLP(dim, args.intermediate_size // n), TensorParallelMLP, group=group)
+    if not splits_head(args, n):
+        return model
+    model.lm_head = nn.Linear(dim, args.vocab_size // n, bias=False)
+    cls = TensorParallelMoeModel if isinstance(model, qwen2_moe.Model) else TensorParallelModel
+    return retyped(model, cls, group=group)
 
 
 _ROWS = re.compile(
@@ -115,8 +147,11 @@ _ROWS = re.compile(
 _COLUMNS = re.compile(r"\.(self_attn\.o_proj|mlp\.(shared_expert\.)?down_proj|mlp\.experts\.\d+\.down_proj)\.")
 
 
-def tensor_parallel_axis(key: str) -> int | None:
-    """The axis a checkpoint tensor is split along under tensor parallel, or None if every rank holds it all."""
+def tensor_parallel_axis(key: str, split_head: bool = False) -> int | None:
+    """The axis a checkpoint tensor is split along under tensor parallel, or None if every rank holds it all
+    (`split_head`: whether the output layer is split, see `splits_head`)."""
+    if key.startswith("lm_head."):
+        return 0 if split_head else None
     if ".mlp.switch_mlp." in key:  # stacked experts (E, out, in)
         return -1 if ".down_proj." in key else 1
     if ".mlp.experts.gate_up_proj" in key or key.endswith(".mlp.experts.down_proj"):
@@ -131,7 +166,7 @@ def tensor_parallel_axis(key: str) -> int | None:
     return None
 
 
-def adapter_axis(key: str) -> int | None:
+def adapter_axis(key: str, split_head: bool = False) -> int | None:
     """The axis an adapter tensor is split along under tensor parallel (None: every rank holds it all).
 
     LoRA's update (x A) B follows its layer's split: where the layer's output rows are split, so is B's
@@ -141,7 +176,7 @@ def adapter_axis(key: str) -> int | None:
     split as the checkpoint's."""
     path, _, leaf = key.rpartition(".")
     if leaf not in ("lora_a", "lora_b", "m"):
-        return tensor_parallel_axis(key)
+        return tensor_parallel_axis(key, split_head)
     base = tensor_parallel_axis(path + ".weight")
     if base is None:
         return None

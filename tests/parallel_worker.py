@@ -45,6 +45,7 @@ def main() -> None:
         "load_peak": load_peak,
         "layers": len(model.layers),
         "q_proj": list(getattr(q_proj, "linear", q_proj).weight.shape),  # under an adapter, its layer
+        "lm_head_rows": model.lm_head.weight.shape[0] if "lm_head" in model else None,
     }
     (out_dir / f"rank{group.rank()}.json").write_text(json.dumps(result))
     barrier(group)

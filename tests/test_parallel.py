@@ -107,7 +107,8 @@ def test_two_ranks_compute_what_one_process_computes(kind, mode, request, tmp_pa
     for r in ranks:  # every rank holds the same result
         np.testing.assert_allclose(np.array(r["logits"]), logits, atol=1e-5, rtol=0)
         assert r["tokens"] == tokens
-    if mode == "tensor":  # each rank half of the heads, all layers
+    if mode == "tensor":  # each rank half of the heads and of the vocabulary (untied), all layers
+        assert [r["lm_head_rows"] for r in ranks] == [256, 256]
         assert [r["q_proj"][0] for r in ranks] == [32, 32] and [r["layers"] for r in ranks] == [
             4 if kind.startswith("moe") else 3
         ] * 2
@@ -157,8 +158,9 @@ def test_each_rank_holds_its_share(dense, tmp_path):
     """Tensor parallel: MLX's peak while loading is the replicated tensors plus half of the split ones
     (within 5% and 64 KB); pipeline: its block of layers plus the replicated ones."""
     weights = mx.load(str(dense / "model.safetensors"))
-    split = sum(w.nbytes for k, w in weights.items() if tensor_parallel_axis(k) is not None)
-    replicated = sum(w.nbytes for k, w in weights.items() if tensor_parallel_axis(k) is None)
+    split = sum(w.nbytes for k, w in weights.items() if tensor_parallel_axis(k, split_head=True) is not None)
+    replicated = sum(w.nbytes for k, w in weights.items() if tensor_parallel_axis(k, split_head=True) is None)
+    assert "lm_head.weight" in weights  # untied, vocabulary 512: the output layer is split too
     for r in run_ranks(dense, "tensor", tmp_path):
         expected = replicated + split / 2
         assert abs(r["load_peak"] - expected) <= 0.05 * expected + 65536, (r["load_peak"], expected)
