@@ -194,7 +194,9 @@ def run_engine(model, tok, prompts, budgets, cache_config, max_batch):
     while engine.busy:
         for e in engine.step():
             out.setdefault(e.id, []).append(e.token)
-        widest = max(widest, engine.batch_cache[0].keys.shape[2] if engine.batch_cache else 0)  # allocated
+        if engine.batch_cache:  # columns allocated (a quantized cache holds triples)
+            keys = engine.batch_cache[0].keys
+            widest = max(widest, (keys[0] if isinstance(keys, tuple) else keys).shape[2])
     return [out[i] for i in range(len(prompts))], widest
 
 
