@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import UserError
 from .batch import BatchKVCache
-from .quantized import Triple, check_kv_settings
+from .quantized import Triple, check_kv_settings, quantize_kv
+from .rotating import check_window
 
 _PAD = -(1 << 30)  # the position of a column that holds nothing (no query is ever there)
 
@@ -30,8 +31,7 @@ class BatchRotatingKVCache(BatchKVCache):
     """Keys and values of one layer for B rows, each row its kept prefix and window of recent tokens."""
 
     def __init__(self, max_size: int, keep: int, left_pad: list[int], step: int = 256):
-        if keep < 0 or max_size <= keep:
-            raise UserError(f"--max-kv-size {max_size} must be larger than the kept prefix ({keep} tokens); raise it.")
+        check_window(max_size, keep)
         super().__init__(None, None, [0] * len(left_pad), step)
         self.max_size, self.keep = max_size, keep
         self.seen = [-p for p in left_pad]  # each row's next position (a padded row starts below 0)
@@ -162,20 +162,13 @@ class BatchQuantizedKVCache(BatchKVCache):
         out._size = length
         return out
 
-    def _quantize(self, x: mx.array) -> Triple:
-        if x.shape[-1] % self.group_size:
-            raise UserError(
-                f"--kv-group-size {self.group_size} does not divide the head size {x.shape[-1]}; choose one that does."
-            )
-        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
-
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Triple, Triple]:
-        new_k, new_v = self._quantize(keys), self._quantize(values)
+        new_k, new_v = quantize_kv(keys, self.bits, self.group_size), quantize_kv(values, self.bits, self.group_size)
         start, length = self._size, keys.shape[2]
         if self.keys is None:
             self.keys, self.values = _used(new_k, 0), _used(new_v, 0)
         if start + length > self.keys[0].shape[2]:
-            room = -(-(start + length) // self.step) * self.step - self.keys[0].shape[2]
+            room = self._capacity(start + length) - self.keys[0].shape[2]
             self.keys, self.values = _right_padded(self.keys, room), _right_padded(self.values, room)
         self._size = start + length
         for buffers, new in ((self.keys, new_k), (self.values, new_v)):

@@ -9,7 +9,7 @@ from ..errors import UserError
 from .batch import BatchKVCache
 from .batch_kinds import BatchQuantizedKVCache, BatchRotatingKVCache
 from .kv import KVCache, make_cache
-from .quantized import QuantizedKVCache, check_kv_settings
+from .quantized import QuantizedKVCache, check_kv_group, check_kv_settings
 from .rotating import RotatingKVCache
 
 
@@ -39,10 +39,8 @@ class CacheConfig:
 
     def check_model(self, head_dim: int) -> None:
         """UserError now for settings this model cannot use (rather than at its first prompt)."""
-        if self.kv_bits is not None and head_dim % self.kv_group_size:
-            raise UserError(
-                f"--kv-group-size {self.kv_group_size} does not divide the head size {head_dim}; choose one that does."
-            )
+        if self.kv_bits is not None:
+            check_kv_group(head_dim, self.kv_group_size)
 
     @property
     def plain(self) -> bool:

@@ -24,7 +24,18 @@ def check_kv_settings(bits: int, group_size: int) -> None:
         raise UserError(f"--kv-group-size {group_size} is not supported; choose 32, 64 or 128.")
 
 
+def check_kv_group(head_dim: int, group_size: int) -> None:
+    if head_dim % group_size:
+        raise UserError(f"--kv-group-size {group_size} does not divide the head size {head_dim}; choose one that does.")
+
+
 Triple = tuple[mx.array, mx.array, mx.array]  # packed, scales, biases
+
+
+def quantize_kv(x: mx.array, bits: int, group_size: int) -> Triple:
+    """Keys or values (..., head_dim) quantized along head_dim in groups (MLX's affine format)."""
+    check_kv_group(x.shape[-1], group_size)
+    return mx.quantize(x, group_size=group_size, bits=bits)
 
 
 class QuantizedKVCache(SequentialCache):
@@ -46,15 +57,8 @@ class QuantizedKVCache(SequentialCache):
             out.update_and_fetch(keys, values)
         return out
 
-    def _quantize(self, x: mx.array) -> Triple:
-        if x.shape[-1] % self.group_size:
-            raise UserError(
-                f"--kv-group-size {self.group_size} does not divide the head size {x.shape[-1]}; choose one that does."
-            )
-        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
-
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Triple, Triple]:
-        new_k, new_v = self._quantize(keys), self._quantize(values)
+        new_k, new_v = quantize_kv(keys, self.bits, self.group_size), quantize_kv(values, self.bits, self.group_size)
         start, length = self.offset, keys.shape[2]
         if self.keys is None or start + length > self.keys[0].shape[2]:
             self._grow(new_k, new_v, start + length)

@@ -14,12 +14,16 @@ import mlx.core as mx
 from ..errors import UserError
 
 
+def check_window(max_size: int, keep: int) -> None:
+    if keep < 0 or max_size <= keep:
+        raise UserError(f"--max-kv-size {max_size} must be larger than the kept prefix ({keep} tokens); raise it.")
+
+
 class RotatingKVCache:
     """Keys and values of one layer, at most `max_size` positions, (B, Hkv, <= max_size, D)."""
 
     def __init__(self, max_size: int, keep: int = 4, step: int = 256):
-        if keep < 0 or max_size <= keep:
-            raise UserError(f"--max-kv-size {max_size} must be larger than the kept prefix ({keep} tokens); raise it.")
+        check_window(max_size, keep)
         self.max_size, self.keep, self.step = max_size, keep, step
         self.keys: mx.array | None = None
         self.values: mx.array | None = None

@@ -154,24 +154,20 @@ def plan(
 
 def _speculative(served: Served, body: schema._Sampling, constrained: bool) -> SpeculativeConfig | None:
     """This request's proposals: its own prompt lookup, the server's default, or none. A grammar's mask
-    follows the tokens drawn, not proposals that may be refused: constrained output is decoded plainly."""
-    if constrained:
+    follows the tokens drawn, not proposals that may be refused: constrained output is decoded plainly;
+    so is all output of a server whose cache cannot be rewound (bounded or quantized)."""
+    refusal = (
+        "speculative decoding cannot be combined with response_format or a required tool call"
+        if constrained
+        else None
+        if served.plain_cache
+        else "speculative decoding needs the plain KV cache, and this server bounds or quantizes it"
+    )
+    if refusal is not None:  # decoded plainly; asking for proposals is a 400
         if body.speculative or body.prompt_lookup is not None:
-            raise ApiError(
-                400,
-                "speculative decoding cannot be combined with response_format or a required tool call",
-                param="prompt_lookup" if body.prompt_lookup is not None else "speculative",
-            )
+            raise ApiError(400, refusal, param="prompt_lookup" if body.prompt_lookup is not None else "speculative")
         return None
     if body.speculative is False:
-        return None
-    if not served.plain_cache:
-        if body.speculative or body.prompt_lookup is not None:
-            raise ApiError(
-                400,
-                "speculative decoding needs the plain KV cache, and this server bounds or quantizes it",
-                param="prompt_lookup" if body.prompt_lookup is not None else "speculative",
-            )
         return None
     default = served.speculative
     most = body.num_draft_tokens or (default.num_draft_tokens if default else SpeculativeConfig().num_draft_tokens)
