@@ -5,13 +5,16 @@ the local shapes that do their own communication.
 
 - Tensor parallel: each rank holds 1/N of every layer's attention heads (q, k, v rows; o_proj columns),
   MLP and shared-expert width (gate and up rows, down columns) and of every expert's width; attention
-  and MLP outputs are summed over the ranks (`all_sum`, two per layer, of B x L x hidden). Replicated on
-  every rank: the embedding, the norms, the output layer, MoE routers and shared-expert gates.
+  and MLP outputs are summed over the ranks (`all_sum`, two per layer, of B x L x hidden). An untied
+  output layer holds 1/N of the vocabulary, its logits gathered (`all_gather`). Replicated on every rank:
+  the embedding, the norms, a tied output layer, MoE routers and shared-expert gates. Adapters are split
+  as their layers are (`adapter_axis`).
 - Pipeline parallel: each rank holds a contiguous block of layers; hidden states go from rank to rank
   (`send` / `recv`), and the last block's output is gathered to every rank, which applies the (replicated)
   norm and output layer, so every rank samples the same tokens. Replicated: embedding, norm, output layer.
 
-Which slices a rank reads is `tensor_parallel_axis` (loader.py reads just those) or `pipeline_keys`.
+Which slices a rank reads is `tensor_parallel_axis` (loader.py reads just those) or `shard_pipeline`'s
+key map.
 Knows nothing of files.
 """
 
