@@ -20,6 +20,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_qwen2 import stream_generate
+from mlx_qwen2.cache.config import CacheConfig
 from mlx_qwen2.convert import main as convert_main
 from mlx_qwen2.loader import load
 from mlx_qwen2.lora import main as lora_main
@@ -304,12 +305,15 @@ def test_tensor_parallel_real_model_gives_the_single_process_text(real_folder):
     assert launched.stdout == alone.stdout and "def" in alone.stdout, (launched.stdout, alone.stdout)
 
 
-def test_the_server_across_ranks_answers_as_one_process(dense, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--max-kv-size", "8", "--kv-keep", "2"]], ids=["plain", "bounded"])
+def test_the_server_across_ranks_answers_as_one_process(flags, dense, tmp_path):
     """Rank 0 serves HTTP, rank 1 takes the same engine steps (tensor parallel): greedy and seeded sampled
-    completions, two at once, equal one process's; SIGTERM stops both ranks."""
+    completions, two at once, equal one process's (also with a bounded cache, past its window); SIGTERM stops
+    both ranks."""
     launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
     cmd = [*launcher, "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--python",
-           sys.executable, "-m", "mlx_qwen2.server", "--model", str(dense), "--port", "0"]  # fmt: skip
+           sys.executable, "-m", "mlx_qwen2.server", "--model", str(dense), "--port", "0", *flags]  # fmt: skip
+    cache_config = CacheConfig(8, 2) if flags else CacheConfig()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             start_new_session=True)  # fmt: skip
     try:
@@ -324,7 +328,7 @@ def test_the_server_across_ranks_answers_as_one_process(dense, tmp_path):
         asks = [("Hello", {"temperature": 0}), ("def add(a, b):", {"temperature": 0.8, "seed": 7})]
         expected = [
             "".join(r.text for r in stream_generate(model, tok, tok.encode(p), max_tokens=16, temp=s["temperature"],
-                                                    seed=s.get("seed")))
+                                                    seed=s.get("seed"), cache_config=cache_config))
             for p, s in asks
         ]  # fmt: skip
 
