@@ -34,6 +34,7 @@ LAYERS = {
         "backends.cpu",
         "backends.cpu.blas",
         "backends.cpu.layers",
+        "backends.cpu.elementwise",
         "backends.cpu.experts",
         "backends.cpu.fast",
         "backends.metal",

@@ -7,6 +7,7 @@ passed in by the caller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Protocol
 
@@ -38,27 +39,46 @@ class Cache(Protocol):
     def make_mask(self, length: int) -> mx.array | str | None: ...
 
 
-def attention(q: mx.array, keys: Any, values: Any, scale: float, mask: mx.array | str | None, cache: Any) -> mx.array:
-    """Scaled dot-product attention, (B, H, L, D); over quantized keys/values when the cache holds them so."""
+def attention(
+    q: mx.array,
+    keys: Any,
+    values: Any,
+    scale: float,
+    mask: mx.array | str | None,
+    cache: Any,
+    softmax: Callable[[mx.array], mx.array] | None = None,
+) -> mx.array:
+    """Scaled dot-product attention, (B, H, L, D); over quantized keys/values when the cache holds them so.
+
+    `softmax` (float32 scores -> weights, over the last axis): the scores are computed explicitly and
+    weighed with it, instead of by MLX's fused attention (for a backend whose own softmax is faster)."""
     bits = getattr(cache, "bits", None)
-    if bits is None:
+    if bits is None and softmax is None:
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     B, H, L, D = q.shape
-    n_kv = keys[0].shape[1]
-    q = (q * scale).reshape(B, n_kv, H // n_kv, L, D)  # query heads grouped by the KV head they share
-    group = cache.group_size
-    k = [a[:, :, None] for a in keys]  # (B, Hkv, 1, T, ...): broadcast over the group
-    v = [a[:, :, None] for a in values]
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)  # (B, Hkv, G, L, T)
+    n_kv = (keys[0] if bits else keys).shape[1]
+    q = (q * scale).reshape(B, n_kv, -1, D)  # (B, Hkv, G * L, D): query heads grouped by the KV head they share
+    if bits:
+        scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=cache.group_size, bits=bits)
+    else:
+        scores = q @ keys.swapaxes(-1, -2)  # (B, Hkv, G * L, T)
+    T = scores.shape[-1]
+    scores = scores.reshape(B, n_kv, H // n_kv, L, T)
     if isinstance(mask, str):
-        T = scores.shape[-1]
         mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]  # causal, the last query on the last key
     if mask is not None:
         mask = mask if mask.ndim < 4 else mask[:, :, None]  # (B, 1, L, T) -> (B, 1, 1, L, T)
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    weights = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
-    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group, bits=bits)  # (B, Hkv, G, L, D)
+    weights = (softmax or _softmax)(scores.astype(mx.float32)).astype(q.dtype).reshape(B, n_kv, -1, T)
+    if bits:
+        out = mx.quantized_matmul(weights, *values, transpose=False, group_size=cache.group_size, bits=bits)
+    else:
+        out = weights @ values  # (B, Hkv, G * L, D)
     return out.reshape(B, H, L, D)
+
+
+def _softmax(scores: mx.array) -> mx.array:
+    return mx.softmax(scores, axis=-1, precise=True)
 
 
 @dataclass

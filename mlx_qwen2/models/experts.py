@@ -79,6 +79,8 @@ def _by_expert(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.a
 class SwitchGLU(nn.Module):
     """`num_experts` SwiGLU MLPs (gate_proj, up_proj, down_proj stacked), each token through its k experts."""
 
+    silu = staticmethod(nn.silu)  # a backend may set one that computes the same faster (backends/cpu)
+
     def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
         self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
@@ -93,7 +95,7 @@ class SwitchGLU(nn.Module):
         idx, undo = indices, None
         if sort:
             x, idx, undo = _by_expert(x, indices)
-        h = nn.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
+        h = self.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
         y = self.down_proj(h, idx, sort)
         if sort:
             y = y[undo].reshape(*indices.shape, 1, y.shape[-1])  # back to (..., k, 1, D)

@@ -27,6 +27,10 @@ PROJECTIONS = (
 
 
 class Attention(nn.Module):
+    # Attention's weights from its scores: None for MLX's fused attention; a backend may set a function that
+    # computes the same softmax faster (backends/cpu), on the instance.
+    softmax = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, self.n_heads, self.n_kv_heads = args.hidden_size, args.num_attention_heads, args.n_kv_heads
@@ -47,11 +51,13 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, cached + L, D)
-        out = attention(q, k, v, self.scale, mask, cache)
+        out = attention(q, k, v, self.scale, mask, cache, self.softmax)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
+    silu = staticmethod(nn.silu)  # a backend may set one that computes the same faster (backends/cpu)
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
@@ -59,7 +65,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -43,11 +43,11 @@ class GroupingSwitchGLU(SwitchGLU):
         indices = mx.stop_gradient(indices)
         x32 = x.astype(F32)
         if indices.size > SMALL_PAIRS:
-            y = _grouped(projections, x32, indices)
+            y = _grouped(projections, x32, indices, self.silu)
         elif isinstance(self.gate_proj, QuantizedSwitchLinear):
             y = _spread_pairs(x32, indices, super().__call__)
         elif _is_16_bit(self.gate_proj.weight):
-            y = _upcast_chosen(projections, x32, indices)
+            y = _upcast_chosen(projections, x32, indices, self.silu)
         else:
             y = super().__call__(x32, indices)
         return y.astype(x.dtype)
@@ -67,12 +67,12 @@ def _spread_pairs(x: mx.array, indices: mx.array, glu: Callable) -> mx.array:
     return mx.concatenate(outs, axis=-2)
 
 
-def _upcast_chosen(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array) -> mx.array:
+def _upcast_chosen(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array, silu: Callable) -> mx.array:
     """16-bit float experts: the chosen experts' matrices upcast (not all of them), then batched products."""
     flat = indices.reshape(-1)
     rows = mx.broadcast_to(x[..., None, :], (*indices.shape, x.shape[-1])).reshape(-1, 1, x.shape[-1])  # (P, 1, D)
     gate, up, down = (p.weight[flat].astype(F32).swapaxes(-1, -2) for p in projections)  # (P, in, out)
-    y = (nn.silu(rows @ gate) * (rows @ up)) @ down  # (P, 1, D)
+    y = (silu(rows @ gate) * (rows @ up)) @ down  # (P, 1, D)
     return y.reshape(*indices.shape, x.shape[-1])
 
 
@@ -89,7 +89,7 @@ def _expert_floats(projections: tuple[nn.Module, ...]) -> list[Callable[[int, mx
     return [one(p) for p in projections]
 
 
-def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array) -> mx.array:
+def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array, silu: Callable) -> mx.array:
     """Pairs grouped by expert, one product per expert that has pairs (see the module docstring); (..., k, D).
 
     A loop over the experts with pairs, of host-known sizes: MLX's gathered product has no grouped form on
@@ -108,7 +108,7 @@ def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array)
         # up's: a few matrices' temporaries at a time (left free to run side by side, MLX held ~4% of the
         # weights' bytes more in float32, and more for copies).
         r = rows[int(ends[e] - counts[e]) : int(ends[e])]
-        h = nn.silu(r @ gate(e, previous).T) * (r @ up(e, previous).T)
+        h = silu(r @ gate(e, previous).T) * (r @ up(e, previous).T)
         previous = h @ down(e, h).T
         outs.append(previous)
     y = mx.concatenate(outs)  # sorted order: every pair is in one group

@@ -1,4 +1,5 @@
-"""Which layers are swapped for their CPU versions (`layers`, `experts`), and the swap itself."""
+"""Which layers are swapped for their CPU versions (`layers`, `experts`), and the swap itself; also where
+SiLU and attention's softmax are computed with `elementwise`'s exponential."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from mlx.utils import tree_unflatten
 
 from ...models.base import retyped
 from ...models.experts import SwitchGLU
+from ...models.qwen2 import MLP, Attention
+from . import elementwise
 from .experts import GroupingSwitchGLU
 from .layers import DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
 
@@ -32,4 +35,10 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
     swaps = [(path, retyped(m, _SWAPS[type(m)])) for path, m in model.named_modules() if _wanted(m)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
+    if elementwise.SLOW_EXP:
+        for _, m in model.named_modules():
+            if isinstance(m, (MLP, SwitchGLU)):
+                m.silu = elementwise.silu
+            elif isinstance(m, Attention):
+                m.softmax = elementwise.softmax
     return len(swaps)
