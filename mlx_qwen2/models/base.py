@@ -39,6 +39,9 @@ class Cache(Protocol):
     def make_mask(self, length: int) -> mx.array | str | None: ...
 
 
+SCORES_BLOCK = 1 << 20  # most attention scores (rows x heads x queries x keys) the explicit path holds at once
+
+
 def attention(
     q: mx.array,
     keys: Any,
@@ -46,39 +49,56 @@ def attention(
     scale: float,
     mask: mx.array | str | None,
     cache: Any,
-    softmax: Callable[[mx.array], mx.array] | None = None,
+    exp: Callable[[mx.array], mx.array] | None = None,
 ) -> mx.array:
     """Scaled dot-product attention, (B, H, L, D); over quantized keys/values when the cache holds them so.
 
-    `softmax` (float32 scores -> weights, over the last axis): the scores are computed explicitly and
-    weighed with it, instead of by MLX's fused attention (for a backend whose own softmax is faster)."""
+    With `exp` (an elementwise e^x, for a backend whose own is slow) or a quantized cache, the scores are
+    computed explicitly, for a block of queries at a time (at most SCORES_BLOCK scores, one block after
+    the other: a long prompt's chunk never holds every head's queries x keys), and the weighted values are
+    divided by the weights' sums afterwards (one pass less over the scores than a softmax)."""
     bits = getattr(cache, "bits", None)
-    if bits is None and softmax is None:
+    if bits is None and exp is None:
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     B, H, L, D = q.shape
-    n_kv = (keys[0] if bits else keys).shape[1]
-    q = (q * scale).reshape(B, n_kv, -1, D)  # (B, Hkv, G * L, D): query heads grouped by the KV head they share
-    if bits:
-        scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=cache.group_size, bits=bits)
-    else:
-        scores = q @ keys.swapaxes(-1, -2)  # (B, Hkv, G * L, T)
-    T = scores.shape[-1]
-    scores = scores.reshape(B, n_kv, H // n_kv, L, T)
+    n_kv, T = (keys[0] if bits else keys).shape[1:3]
+    q = (q * scale).reshape(B, n_kv, H // n_kv, L, D)  # query heads grouped by the KV head they share
     if isinstance(mask, str):
         mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]  # causal, the last query on the last key
     if mask is not None:
         mask = mask if mask.ndim < 4 else mask[:, :, None]  # (B, 1, L, T) -> (B, 1, 1, L, T)
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    weights = (softmax or _softmax)(scores.astype(mx.float32)).astype(q.dtype).reshape(B, n_kv, -1, T)
-    if bits:
-        out = mx.quantized_matmul(weights, *values, transpose=False, group_size=cache.group_size, bits=bits)
-    else:
-        out = weights @ values  # (B, Hkv, G * L, D)
+        mask = mx.where(mask, 0.0, mx.finfo(mx.float32).min)  # added to the scores, which it then holds
+    step = max(1, SCORES_BLOCK // (B * H * T))
+    parts: list[mx.array] = []
+    for i in range(0, L, step):
+        block = q[..., i : i + step, :]
+        if parts:
+            block = mx.depends([block], [parts[-1]])[0]  # after the previous block: one block's scores at a time
+        parts.append(_attend(block, keys, values, None if mask is None else mask[..., i : i + step, :], cache, exp))
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=3)
     return out.reshape(B, H, L, D)
 
 
-def _softmax(scores: mx.array) -> mx.array:
-    return mx.softmax(scores, axis=-1, precise=True)
+def _attend(q: mx.array, keys: Any, values: Any, bias: mx.array | None, cache: Any, exp: Callable | None) -> mx.array:
+    """Attention of a block of scaled queries (B, Hkv, G, l, D) over all keys; (B, Hkv, G, l, D)."""
+    B, n_kv, G, length, D = q.shape
+    bits = getattr(cache, "bits", None)
+    q = q.reshape(B, n_kv, G * length, D)
+    if bits:
+        scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=cache.group_size, bits=bits)
+    else:
+        scores = q @ keys.swapaxes(-1, -2)  # (B, Hkv, G * l, T)
+    scores = scores.reshape(B, n_kv, G, length, -1).astype(mx.float32)
+    if bias is not None:
+        scores = scores + bias
+    weights = (exp or mx.exp)(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    total = weights.sum(axis=-1).reshape(B, n_kv, G * length, 1)
+    weights = weights.astype(q.dtype).reshape(B, n_kv, G * length, -1)
+    if bits:
+        out = mx.quantized_matmul(weights, *values, transpose=False, group_size=cache.group_size, bits=bits)
+    else:
+        out = weights @ values  # (B, Hkv, G * l, D)
+    return (out / total).astype(q.dtype).reshape(B, n_kv, G, length, D)
 
 
 @dataclass

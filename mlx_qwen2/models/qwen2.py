@@ -27,9 +27,9 @@ PROJECTIONS = (
 
 
 class Attention(nn.Module):
-    # Attention's weights from its scores: None for MLX's fused attention; a backend may set a function that
-    # computes the same softmax faster (backends/cpu), on the instance.
-    softmax = None
+    # None: MLX's fused attention. A backend whose own e^x is slow may set one (backends/cpu), on the instance:
+    # the scores are then computed explicitly (see base.attention).
+    exp = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, cached + L, D)
-        out = attention(q, k, v, self.scale, mask, cache, self.softmax)
+        out = attention(q, k, v, self.scale, mask, cache, self.exp)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

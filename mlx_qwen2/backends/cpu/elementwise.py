@@ -1,12 +1,12 @@
-"""Exponentials for MLX's CPU backend on x86_64: SiLU and softmax computed with `mx.power`.
+"""e^x for MLX's CPU backend on x86_64, and SiLU with it: computed with `mx.power`.
 
 On x86_64 MLX's CPU exp, and the sigmoid, SiLU and softmax built on it, take
 one element at a time, 9-14 ns an element (its vectorized math is written for
 ARM), while its power is the C library's, ~3 ns. SiLU (every MLP, over B x L x
-intermediate values) and softmax (attention's scores, L x T per head) are a
-large share of prefill there: in the 0.5B model's 512-token prefill they took
-~0.66 s and ~1.0 s of ~4 s. Written with power, each is 3-4x faster and equal
-to float32 rounding (e^x as float32(e)^x: a relative error of |x| x 3e-8).
+intermediate values) and attention's exponentials (L x T per head) are a large
+share of prefill there: in the 0.5B model's 512-token prefill, ~0.66 s and
+~0.8 s of ~4 s. Through power each is 3-4x faster, and equal to float32
+rounding (e^x as float32(e)^x: a relative error of |x| x 3e-8).
 
 `use_fast_layers` sets them on the model's MLPs, experts and attention where
 MLX's exp is the slow one. Knows nothing of models or files.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import platform
+from functools import partial
 
 import mlx.core as mx
 
@@ -27,13 +28,8 @@ def exp(x: mx.array) -> mx.array:
     return mx.power(mx.array(math.e, x.dtype), x)
 
 
+@partial(mx.compile, shapeless=True)  # one pass, in place, as MLX's own silu: no array of x's size held besides x
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x). e^-x is capped at e^88 (float32's largest power of e is e^88.7): below x = -88 SiLU is 0
     in float32 either way, and the cap keeps the gradient 0 there (x * inf / inf^2 would be NaN)."""
     return x / (1 + exp(mx.minimum(-x, 88.0)))
-
-
-def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis."""
-    e = exp(x - mx.stop_gradient(x.max(axis=-1, keepdims=True)))
-    return e / e.sum(axis=-1, keepdims=True)

@@ -1,5 +1,5 @@
 """Which layers are swapped for their CPU versions (`layers`, `experts`), and the swap itself; also where
-SiLU and attention's softmax are computed with `elementwise`'s exponential."""
+SiLU and attention's exponentials are computed with `elementwise`'s."""
 
 from __future__ import annotations
 
@@ -40,5 +40,5 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
             if isinstance(m, (MLP, SwitchGLU)):
                 m.silu = elementwise.silu
             elif isinstance(m, Attention):
-                m.softmax = elementwise.softmax
+                m.exp = elementwise.exp
     return len(swaps)
