@@ -166,3 +166,15 @@ def test_explicit_attention_equals_mlx_fused_one(tiny_untied, monkeypatch):
         step = model(mx.array([[3], [6]]), cache=batch)
         logits.append(np.concatenate([np.array(first).reshape(-1), np.array(step).reshape(-1)]))
     np.testing.assert_allclose(logits[1], logits[0], atol=2e-5)
+
+
+def test_exponentials_are_set_where_mlx_exp_is_slow(tiny_untied):
+    """On x86_64 CPUs `load` gives every MLP and attention elementwise's SiLU and e^x; elsewhere MLX's own."""
+    from mlx_qwen2 import load
+
+    model, _ = load(tiny_untied)
+    layer = model.layers[0]
+    assert (layer.self_attn.exp is elementwise.exp) == elementwise.SLOW_EXP
+    assert (layer.mlp.silu is elementwise.silu) == elementwise.SLOW_EXP
+    plain, _ = load(tiny_untied, fast=False)
+    assert plain.layers[0].self_attn.exp is None and plain.layers[0].mlp.silu is nn.silu

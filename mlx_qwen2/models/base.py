@@ -67,7 +67,8 @@ def attention(
         mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]  # causal, the last query on the last key
     if mask is not None:
         mask = mask if mask.ndim < 4 else mask[:, :, None]  # (B, 1, L, T) -> (B, 1, 1, L, T)
-        mask = mx.where(mask, 0.0, mx.finfo(mx.float32).min)  # added to the scores, which it then holds
+        if mask.dtype == mx.bool_:  # added to the scores, which it then holds
+            mask = mx.where(mask, 0.0, mx.finfo(mx.float32).min)
     step = max(1, SCORES_BLOCK // (B * H * T))
     parts: list[mx.array] = []
     for i in range(0, L, step):
