@@ -39,9 +39,10 @@ def greedy(logits: mx.array, key: mx.array | None = None) -> mx.array:
 
 def apply_top_k(logits: mx.array, k: int) -> mx.array:
     """Keep the k largest logits."""
-    if k <= 0 or k >= logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if k <= 0 or k >= vocab:
         return logits
-    kth = mx.sort(logits, axis=-1)[..., -k][..., None]
+    kth = mx.partition(logits, vocab - k, axis=-1)[..., vocab - k, None]  # the k-th largest, without a sort
     return mx.where(logits < kth, -mx.inf, logits)
 
 
@@ -54,8 +55,7 @@ def apply_top_p(logits: mx.array, p: float) -> mx.array:
     probs = mx.softmax(sorted_logits, axis=-1)
     mass_before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
     sorted_logits = mx.where(mass_before >= p, -mx.inf, sorted_logits)
-    inverse = mx.argsort(order, axis=-1)
-    return mx.take_along_axis(sorted_logits, inverse, axis=-1)
+    return mx.put_along_axis(logits, order, sorted_logits, axis=-1)  # back in place: a scatter, not a second sort
 
 
 def apply_min_p(logits: mx.array, min_p: float) -> mx.array:

@@ -40,6 +40,30 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept(apply_top_p(shuffled, 0.8)) == [1, 3, 4]
 
 
+@pytest.mark.parametrize("k", [1, 7, 40, 999])
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
+def test_filters_on_a_large_vocabulary_match_a_sort(k, p):
+    """Rows of a 50k vocabulary (logits from a peaked and a flat distribution): top-k keeps exactly the k
+    largest, top-p the sorted prefix whose mass before each token is under p (float32 sums: up to tokens at
+    the boundary), the kept values untouched."""
+    rng = np.random.default_rng(k)
+    logits = np.stack([rng.normal(size=50_000) * 4, rng.normal(size=50_000) * 0.3]).astype(np.float32)
+    ours_k = np.array(apply_top_k(mx.array(logits), k))
+    ours_p = np.array(apply_top_p(mx.array(logits), p))
+    for row, got_k, got_p in zip(logits, ours_k, ours_p, strict=True):
+        order = np.argsort(-row)
+        assert set(np.flatnonzero(np.isfinite(got_k))) == set(order[:k].tolist())
+        probs = np.exp(row[order].astype(np.float64) - row.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        differ = set(np.flatnonzero(np.isfinite(got_p))) ^ set(order[before < p].tolist())
+        rank = np.argsort(order)  # where each token sits in the sorted order
+        assert all(abs(before[rank[i]] - p) < 1e-3 for i in differ)  # float32 sums: only at the boundary
+        assert len(differ) < 100
+        for got in (got_k, got_p):
+            np.testing.assert_array_equal(got[np.isfinite(got)], row[np.isfinite(got)])
+
+
 def test_min_p():
     assert kept(apply_min_p(LOGITS, 0.3)) == [0, 1, 2]  # 0.15 >= 0.3 * 0.5, 0.07 is not
 
