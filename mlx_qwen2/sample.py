@@ -46,16 +46,37 @@ def apply_top_k(logits: mx.array, k: int) -> mx.array:
     return mx.where(logits < kth, -mx.inf, logits)
 
 
+TOP_P_CANDIDATES = 1024  # the most likely tokens top-p looks at first (a large vocabulary is not sorted whole)
+
+
 def apply_top_p(logits: mx.array, p: float) -> mx.array:
-    """Keep the smallest set of tokens whose probability mass reaches p."""
+    """Keep the smallest set of tokens whose probability mass reaches p.
+
+    A large vocabulary is not sorted whole: its TOP_P_CANDIDATES most likely tokens are taken out (a
+    partition) and sorted, and when their mass reaches p in every row (one check on the host) the set lies
+    among them. Otherwise (a flat distribution) the whole vocabulary is sorted."""
     if p >= 1.0:
         return logits
+    n = TOP_P_CANDIDATES
+    if logits.shape[-1] > 2 * n:
+        top = mx.argpartition(-logits, n - 1, axis=-1)[..., :n]  # the n most likely, in no order
+        top = mx.take_along_axis(top, mx.argsort(-mx.take_along_axis(logits, top, axis=-1), axis=-1), axis=-1)
+        values, before, total = _masses(logits, top)
+        if bool((total >= p).all()):  # a host sync
+            kept = mx.where(before >= p, -mx.inf, values)
+            return mx.put_along_axis(mx.full(logits.shape, -mx.inf, logits.dtype), top, kept, axis=-1)
     order = mx.argsort(-logits, axis=-1)
-    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-    probs = mx.softmax(sorted_logits, axis=-1)
-    mass_before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-    sorted_logits = mx.where(mass_before >= p, -mx.inf, sorted_logits)
-    return mx.put_along_axis(logits, order, sorted_logits, axis=-1)  # back in place: a scatter, not a second sort
+    values, before, _ = _masses(logits, order)
+    return mx.put_along_axis(logits, order, mx.where(before >= p, -mx.inf, values), axis=-1)  # a scatter back
+
+
+def _masses(logits: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """For `tokens` (..., n), most likely first: their logits, the probability mass strictly before each, and
+    the mass of all n."""
+    values = mx.take_along_axis(logits, tokens, axis=-1)
+    probs = mx.exp(values - mx.logsumexp(logits, axis=-1, keepdims=True))
+    mass = mx.cumsum(probs, axis=-1)
+    return values, mass - probs, mass[..., -1]
 
 
 def apply_min_p(logits: mx.array, min_p: float) -> mx.array:

@@ -45,12 +45,15 @@ def test_top_p_keeps_smallest_set_reaching_p():
 def test_filters_on_a_large_vocabulary_match_a_sort(k, p):
     """Rows of a 50k vocabulary (logits from a peaked and a flat distribution): top-k keeps exactly the k
     largest, top-p the sorted prefix whose mass before each token is under p (float32 sums: up to tokens at
-    the boundary), the kept values untouched."""
+    the boundary), the kept values untouched; top-p the same whether a row's set lies among the most likely
+    tokens (peaked, p up to 0.9) or the whole row is sorted."""
     rng = np.random.default_rng(k)
     logits = np.stack([rng.normal(size=50_000) * 4, rng.normal(size=50_000) * 0.3]).astype(np.float32)
     ours_k = np.array(apply_top_k(mx.array(logits), k))
-    ours_p = np.array(apply_top_p(mx.array(logits), p))
-    for row, got_k, got_p in zip(logits, ours_k, ours_p, strict=True):
+    ours_p = np.array(apply_top_p(mx.array(logits), p))  # one row flat: the whole vocabulary sorted
+    alone = [np.array(apply_top_p(mx.array(row[None]), p))[0] for row in logits]  # peaked: among candidates
+    for row, got_k, got_p, got_alone in zip(logits, ours_k, ours_p, alone, strict=True):
+        np.testing.assert_array_equal(got_alone, got_p)
         order = np.argsort(-row)
         assert set(np.flatnonzero(np.isfinite(got_k))) == set(order[:k].tolist())
         probs = np.exp(row[order].astype(np.float64) - row.max())
