@@ -1,0 +1,58 @@
+"""Sampling filters on the real model's logits, ours beside mlx-lm's, in one run.
+
+    python -m benchmarks.sampling [--positions 48]
+
+The float32 fixture model scores a held-out text; for each of its first positions (one row of the
+152k vocabulary each, as a decode step samples), top-k and top-p of mlx_qwen2.sample and of
+mlx_lm.sample_utils are timed (median milliseconds over positions, each the median of 5 calls).
+mlx-lm's filters take log-probabilities, ours logits: each gets its own input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm import sample_utils
+
+from benchmarks.common import eval_text, real_model_folder
+from mlx_qwen2 import load
+from mlx_qwen2.sample import apply_top_k, apply_top_p
+
+
+def median_ms(f, rounds: int = 5) -> float:
+    mx.eval(f())
+    times = []
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        mx.eval(f())
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--positions", type=int, default=48)
+    args = p.parse_args()
+    model, tok = load(real_model_folder())
+    ids = tok.encode(eval_text())[: args.positions]
+    logits = model(mx.array([ids]))[0].astype(mx.float32)  # (positions, vocab)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    mx.eval(logits, logprobs)
+    rows = [
+        ("top-k 40", lambda r: apply_top_k(logits[r], 40), lambda r: sample_utils.apply_top_k(logprobs[r], 40)),
+        ("top-p 0.9", lambda r: apply_top_p(logits[r], 0.9), lambda r: sample_utils.apply_top_p(logprobs[r], 0.9)),
+        ("top-p 0.95", lambda r: apply_top_p(logits[r], 0.95), lambda r: sample_utils.apply_top_p(logprobs[r], 0.95)),
+    ]
+    print(f"{len(ids)} positions, vocabulary {logits.shape[-1]}\n")
+    print("| filter | mlx_qwen2 (ms) | mlx-lm (ms) | mlx-lm / ours |\n|---|---|---|---|")
+    for name, ours, theirs in rows:
+        o = statistics.median(median_ms(lambda i=i, f=ours: f(slice(i, i + 1))) for i in range(len(ids)))
+        t = statistics.median(median_ms(lambda i=i, f=theirs: f(slice(i, i + 1))) for i in range(len(ids)))
+        print(f"| {name} | {o:.2f} | {t:.2f} | {t / o:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
