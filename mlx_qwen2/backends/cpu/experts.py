@@ -26,8 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ...models.experts import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
-from ...quant.dequantize import dequantize
-from .layers import F32, _is_16_bit, _streams
+from .layers import F32, _is_16_bit, _streams, dequantize_f32
 
 SMALL_PAIRS = 16  # (token, expert) pairs up to which experts are gathered, not grouped
 PLAIN = (SwitchLinear, QuantizedSwitchLinear)
@@ -81,8 +80,8 @@ def _expert_floats(projections: tuple[nn.Module, ...]) -> list[Callable[[int, mx
 
     def one(p: nn.Module) -> Callable[[int, mx.array], mx.array]:
         if isinstance(p, QuantizedSwitchLinear):
-            return lambda e, after: dequantize(
-                *mx.depends([p.weight[e], p.scales[e], p.biases[e]], after), p.group_size, p.bits, dtype=F32
+            return lambda e, after: dequantize_f32(
+                *mx.depends([p.weight[e], p.scales[e], p.biases[e]], after), p.group_size, p.bits
             )
         return lambda e, after: mx.depends([p.weight[e]], after)[0].astype(F32)  # no copy if float32
 

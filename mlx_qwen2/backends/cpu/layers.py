@@ -57,6 +57,24 @@ F32 = mx.float32
 Dense = Callable[..., mx.array]  # (weight block, *its scales and biases) -> float32 matrix block
 
 
+def dequantize_f32(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """The float32 matrix of packed affine weights (..., out, in), as `quant.dequantize.dequantize` gives it.
+
+    MLX's CPU dequantize is a composition over the packed uint32 words (a pair of shifts for each of the
+    32 // bits fields, then a concatenation), twice the float32 output in temporaries. At 2, 4 and 8 bits
+    a field never crosses a byte, so here each byte's fields are masked out of whole words and read as
+    bytes (little-endian: the first field lowest): the same floats, ~2x faster, less held at once."""
+    if bits not in (2, 4, 8):
+        return dequantize(w, scales, biases, group_size, bits, dtype=F32)
+    if bits == 8:
+        q = mx.view(w, mx.uint8)  # (..., out, in)
+    else:  # field i of every byte, masked in whole words, then the bytes' fields interleaved back in order
+        mask = ((1 << bits) - 1) * 0x01010101
+        q = mx.stack([mx.view((w >> (bits * i)) & mask, mx.uint8) for i in range(8 // bits)], axis=-1)
+    q = q.reshape(*w.shape[:-1], -1, group_size).astype(F32)  # (..., out, groups, group_size)
+    return (q * scales.astype(F32)[..., None] + biases.astype(F32)[..., None]).reshape(*w.shape[:-1], -1)
+
+
 def _tokens(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
@@ -137,7 +155,7 @@ def quantized_product(group_size: int, bits: int) -> Callable[..., mx.array]:
     """(x, weight, scales, biases) -> x @ W.T for a quantized W, computed as described above."""
 
     def dense(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        return dequantize(w, scales, biases, group_size, bits, dtype=F32)
+        return dequantize_f32(w, scales, biases, group_size, bits)
 
     def small(x32: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
         return mx.quantized_matmul(x32, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
