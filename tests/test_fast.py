@@ -12,13 +12,13 @@ from mlx_qwen2.backends.cpu import layers as fast
 from mlx_qwen2.backends.cpu.fast import use_fast_layers
 
 
-def _pair(quantized: bool, dtype: mx.Dtype) -> tuple[nn.Module, nn.Module]:
+def _pair(quantized: bool, dtype: mx.Dtype, bits: int = 4) -> tuple[nn.Module, nn.Module]:
     """(MLX's layer, our swapped copy) sharing the same parameters."""
     mx.random.seed(0)
     layer = nn.Linear(128, 96, bias=True)
     layer.set_dtype(dtype)
     if quantized:
-        layer = nn.QuantizedLinear.from_linear(layer, group_size=32, bits=4)
+        layer = nn.QuantizedLinear.from_linear(layer, group_size=32, bits=bits)
     holder = nn.Module()
     holder.layer = layer
     swapped = nn.Module()
@@ -50,6 +50,7 @@ def test_outputs_and_input_gradients_match(quantized, tokens, block, monkeypatch
 
     (MLX's own bfloat16 quantized product is further off: it accumulates in bfloat16.)"""
     monkeypatch.setattr(fast, "COPY_BLOCK", block)
+    monkeypatch.setattr(fast, "PLANES_BLOCK", block)
     monkeypatch.setattr(fast, "SMALL_COPY_BLOCK", block)
     monkeypatch.setattr(fast, "PRODUCT_BLOCK", block)
     dtype = mx.bfloat16
@@ -63,6 +64,21 @@ def test_outputs_and_input_gradients_match(quantized, tokens, block, monkeypatch
     c = mx.random.normal((2, tokens, 96))
     gx = mx.grad(lambda x: (ours(x).astype(mx.float32) * c).sum())(x)
     _close(gx, np.array(c, dtype=np.float64) @ w, dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 6, 8])
+@pytest.mark.parametrize("block", [1 << 21, 200])
+def test_quantized_products_of_other_widths_match(bits, block, monkeypatch):
+    """Products at the other widths (few rows: planes at 2 and 8 bits, and MLX's quantized product for up
+    to 4 tokens; many rows: float32 copies): the exact product of the dequantized matrix, in float64, to
+    float32 rounding."""
+    monkeypatch.setattr(fast, "COPY_BLOCK", block)
+    monkeypatch.setattr(fast, "PLANES_BLOCK", block)
+    theirs, ours = _pair(True, mx.float32, bits)
+    for tokens in (5, 37):  # 15 rows (a batch decoding: planes at 2 and 8 bits), 111 rows (copies)
+        x = mx.random.normal((3, tokens, 128))
+        expected = np.array(x, dtype=np.float64) @ _dense(theirs).T + np.array(ours.bias, dtype=np.float64)
+        np.testing.assert_allclose(np.array(ours(x)), expected, atol=2e-4)
 
 
 def test_weight_gradient_of_a_16_bit_layer_matches():
