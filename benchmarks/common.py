@@ -1,12 +1,14 @@
-"""Shared by the benchmark scripts: the real model folder, held-out text, perplexity."""
+"""Shared by the benchmark scripts: the real model folder, held-out text, perplexity, timing."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -108,3 +110,15 @@ def run_worker(module: str, tool: str, argv: list[str], timeout: float) -> dict 
     if tool.startswith("mlx") and ("openblas" in result["blas"]) != (tool != "mlx-lm"):
         raise RuntimeError(f"{tool} ran with the wrong BLAS: {result['blas']}")
     return result
+
+
+def median_seconds(f, rounds: int = 10) -> float:
+    """Median seconds of `mx.eval(f())` over `rounds` calls, after two to warm up."""
+    for _ in range(2):
+        mx.eval(f())
+    times = []
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        mx.eval(f())
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)

@@ -21,21 +21,9 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from benchmarks.common import ROOT, real_model_folder
+from benchmarks.common import ROOT, median_seconds, real_model_folder
 from mlx_qwen2.backends.cpu import elementwise
 from mlx_qwen2.models.base import attention
-
-
-def timed(f, rounds: int = 10) -> float:
-    """Median seconds of `mx.eval(f())`, after warm-up."""
-    for _ in range(2):
-        mx.eval(f())
-    times = []
-    for _ in range(rounds):
-        tic = time.perf_counter()
-        mx.eval(f())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def ops() -> None:
@@ -49,11 +37,11 @@ def ops() -> None:
     ]
     print("| operation | MLX ns/element | ours ns/element | MLX / ours |\n|---|---|---|---|")
     for name, theirs, ours in rows:
-        t = timed(theirs) * 1e9 / n
-        o = timed(ours) * 1e9 / n if ours else None
+        t = median_seconds(theirs) * 1e9 / n
+        o = median_seconds(ours) * 1e9 / n if ours else None
         print(f"| {name} | {t:.2f} | {f'{o:.2f}' if o else '-'} | {f'{t / o:.2f}x' if o else '-'} |")
-    print(f"| power (the C library's) | | {timed(lambda: mx.power(mx.array(2.0), x)) * 1e9 / n:.2f} | |")
-    print(f"| multiply, for scale | | {timed(lambda: x * x) * 1e9 / n:.2f} | |")
+    print(f"| power (the C library's) | | {median_seconds(lambda: mx.power(mx.array(2.0), x)) * 1e9 / n:.2f} | |")
+    print(f"| multiply, for scale | | {median_seconds(lambda: x * x) * 1e9 / n:.2f} | |")
     print(
         "\n| attention, 14 query / 2 KV heads of 64 | MLX fused (ms) | explicit, ours (ms) | ratio |\n|---|---|---|---|"
     )
@@ -61,8 +49,10 @@ def ops() -> None:
         q, k, v = (mx.random.normal((1, h, n_, 64)) for h, n_ in ((14, L), (2, T), (2, T)))
         mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
         mx.eval(q, k, v, mask)
-        fused = timed(lambda q=q, k=k, v=v, m=mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=m))
-        ours = timed(lambda q=q, k=k, v=v, m=mask: attention(q, k, v, 0.125, m, None, elementwise.exp))
+        fused = median_seconds(
+            lambda q=q, k=k, v=v, m=mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=m)
+        )
+        ours = median_seconds(lambda q=q, k=k, v=v, m=mask: attention(q, k, v, 0.125, m, None, elementwise.exp))
         print(f"| {L} queries x {T} keys | {fused * 1e3:.1f} | {ours * 1e3:.1f} | {fused / ours:.2f}x |")
 
 

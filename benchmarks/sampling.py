@@ -12,24 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import mlx.core as mx
 from mlx_lm import sample_utils
 
-from benchmarks.common import eval_text, real_model_folder
+from benchmarks.common import eval_text, median_seconds, real_model_folder
 from mlx_qwen2 import load
 from mlx_qwen2.sample import apply_top_k, apply_top_p
-
-
-def median_ms(f, rounds: int = 5) -> float:
-    mx.eval(f())
-    times = []
-    for _ in range(rounds):
-        tic = time.perf_counter()
-        mx.eval(f())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -49,8 +38,10 @@ def main() -> None:
     print(f"{len(ids)} positions, vocabulary {logits.shape[-1]}\n")
     print("| filter | mlx_qwen2 (ms) | mlx-lm (ms) | mlx-lm / ours |\n|---|---|---|---|")
     for name, ours, theirs in rows:
-        o = statistics.median(median_ms(lambda i=i, f=ours: f(slice(i, i + 1))) for i in range(len(ids)))
-        t = statistics.median(median_ms(lambda i=i, f=theirs: f(slice(i, i + 1))) for i in range(len(ids)))
+        o = statistics.median(1e3 * median_seconds(lambda i=i, f=ours: f(slice(i, i + 1)), 5) for i in range(len(ids)))
+        t = statistics.median(
+            1e3 * median_seconds(lambda i=i, f=theirs: f(slice(i, i + 1)), 5) for i in range(len(ids))
+        )
         print(f"| {name} | {o:.2f} | {t:.2f} | {t / o:.2f}x |")
 
 
