@@ -103,11 +103,12 @@ def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array,
     gate, up, down = _expert_floats(projections)
     outs, previous = [], rows
     for e in map(int, np.flatnonzero(counts)):
-        # Each expert's weights (or float32 copies) wait for the previous product, down_proj's for gate and
-        # up's: a few matrices' temporaries at a time (left free to run side by side, MLX held ~4% of the
-        # weights' bytes more in float32, and more for copies).
+        # Each expert's weights (or float32 copies) wait for the previous product: gate's for the previous
+        # expert's output, up's for gate's product, down's for both: one matrix's temporaries at a time (left
+        # free to run side by side, MLX held ~4% of the weights' bytes more in float32, and more for copies).
         r = rows[int(ends[e] - counts[e]) : int(ends[e])]
-        h = silu(r @ gate(e, previous).T) * (r @ up(e, previous).T)
+        g = r @ gate(e, previous).T
+        h = silu(g) * (r @ up(e, g).T)
         previous = h @ down(e, h).T
         outs.append(previous)
     y = mx.concatenate(outs)  # sorted order: every pair is in one group
