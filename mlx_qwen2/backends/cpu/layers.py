@@ -72,13 +72,18 @@ def dequantize_f32(w: mx.array, scales: mx.array, biases: mx.array, group_size: 
     bytes (little-endian: the first field lowest): the same floats, ~2x faster, less held at once."""
     if bits not in (2, 4, 8):
         return dequantize(w, scales, biases, group_size, bits, dtype=F32)
-    if bits == 8:
-        q = mx.view(w, mx.uint8)  # (..., out, in)
-    else:  # field i of every byte, masked in whole words, then the bytes' fields interleaved back in order
-        mask = ((1 << bits) - 1) * 0x01010101
-        q = mx.stack([mx.view((w >> (bits * i)) & mask, mx.uint8) for i in range(8 // bits)], axis=-1)
+    fields = [_field(w, bits, i) for i in range(8 // bits)]
+    q = fields[0] if bits == 8 else mx.stack(fields, axis=-1)  # the bytes' fields interleaved back in order
     q = q.reshape(*w.shape[:-1], -1, group_size).astype(F32)  # (..., out, groups, group_size)
     return (q * scales.astype(F32)[..., None] + biases.astype(F32)[..., None]).reshape(*w.shape[:-1], -1)
+
+
+def _field(w: mx.array, bits: int, i: int) -> mx.array:
+    """Field i of every byte of packed words (..., n) at 2, 4 or 8 bits, as bytes (..., 4 n): inputs i, i + f,
+    i + 2f, ... of each row (f = 8 // bits fields a byte)."""
+    if bits == 8:
+        return mx.view(w, mx.uint8)
+    return mx.view((w >> (bits * i)) & ((1 << bits) - 1) * 0x01010101, mx.uint8)  # masked in whole words
 
 
 def planes_product(
@@ -93,7 +98,6 @@ def planes_product(
     the planes are made on the CPU streams side by side (MLX's elementwise operations use one thread each),
     the products go through BLAS."""
     fields = 8 // bits
-    mask = ((1 << bits) - 1) * 0x01010101
     out, groups = scales.shape[-2], scales.shape[-1]
     s = scales.astype(F32)[..., None]  # (out, groups, 1)
     y = rows_product(x.reshape(*x.shape[:-1], groups, group_size).sum(axis=-1), biases.astype(F32))
@@ -101,8 +105,8 @@ def planes_product(
     planes = []
     for i in range(fields):
         with mx.stream(streams[i % len(streams)]):
-            plane = mx.view((w >> (bits * i)) & mask, mx.uint8) if fields > 1 else mx.view(w, mx.uint8)  # (out, in / f)
-            planes.append((plane.reshape(out, groups, -1).astype(F32) * s).reshape(out, -1))
+            plane = _field(w, bits, i).reshape(out, groups, -1)  # (out, groups, group_size / f)
+            planes.append((plane.astype(F32) * s).reshape(out, -1))
     for i, plane in enumerate(planes):
         y = y + rows_product(x[..., i::fields], plane)
     return y
