@@ -185,7 +185,7 @@ def test_explicit_attention_equals_mlx_fused_one(tiny_untied, monkeypatch):
 
 
 def test_exponentials_are_set_where_mlx_exp_is_slow(tiny_untied):
-    """On x86_64 CPUs `load` gives every MLP and attention elementwise's SiLU and e^x; elsewhere MLX's own."""
+    """Off Apple Silicon `load` gives every MLP and attention elementwise's SiLU and e^x; there MLX's own."""
     from mlx_qwen2 import load
 
     model, _ = load(tiny_untied)

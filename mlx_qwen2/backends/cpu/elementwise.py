@@ -1,11 +1,12 @@
-"""e^x for MLX's CPU backend on x86_64, and SiLU with it: computed with `mx.power`.
+"""e^x for MLX's CPU backend off Apple Silicon, and SiLU with it: computed with `mx.power`.
 
-On x86_64 MLX's CPU exp, and the sigmoid, SiLU and softmax built on it, take
-one element at a time, 9-14 ns an element (its vectorized math is written for
-ARM), while its power is the C library's, ~3 ns. SiLU (every MLP, over B x L x
-intermediate values) and attention's exponentials (L x T per head) are a large
-share of prefill there: in the 0.5B model's 512-token prefill, ~0.66 s and
-~0.8 s of ~4 s. Through power each is 3-4x faster, and equal to float32
+MLX's CPU exp, and the sigmoid, SiLU and softmax built on it, are vectorized
+only where MLX is built with Accelerate on ARM (Apple Silicon; see MLX's
+`backend/cpu/simd/type.h`). Elsewhere they take one element at a time: on
+this x86_64 CPU 9-14 ns an element, while power, the C library's, takes ~3
+ns. SiLU (every MLP, over B x L x intermediate values) and attention's
+exponentials (L x T per head) are a large share of prefill there: in the
+0.5B model's 512-token prefill, ~0.66 s and ~0.8 s of ~4 s. Through power each is 3-4x faster, and equal to float32
 rounding (e^x as float32(e)^x: a relative error of |x| x 3e-8).
 
 `use_fast_layers` sets them on the model's MLPs, experts and attention where
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 from functools import partial
 
 import mlx.core as mx
 
-# Where MLX's CPU exp runs one element at a time (its vectorized math is ARM's); measured on x86_64 only.
-SLOW_EXP = platform.machine().lower() in ("x86_64", "amd64")
+# Where MLX's CPU exp runs one element at a time: all but Apple Silicon (measured on Linux x86_64).
+SLOW_EXP = not (sys.platform == "darwin" and platform.machine() == "arm64")
 
 
 def exp(x: mx.array) -> mx.array:
