@@ -5,9 +5,9 @@ only where MLX is built with Accelerate on ARM (Apple Silicon; see MLX's
 `backend/cpu/simd/type.h`). Elsewhere they take one element at a time: on
 this x86_64 CPU 9-14 ns an element, while power, the C library's, takes ~3
 ns. SiLU (every MLP, over B x L x intermediate values) and attention's
-exponentials (L x T per head) are a large share of prefill there: in the
-0.5B model's 512-token prefill, ~0.66 s and ~0.8 s of ~4 s. Through power each is 3-4x faster, and equal to float32
-rounding (e^x as float32(e)^x: a relative error of |x| x 3e-8).
+exponentials (L x T per head) are a large share of prefill there. Through
+power each is 3-4x faster (`python -m benchmarks.elementwise`), and equal to
+float32 rounding (e^x as float32(e)^x: a relative error of |x| x 3e-8).
 
 `use_fast_layers` sets them on the model's MLPs, experts and attention where
 MLX's exp is the slow one. Knows nothing of models or files.

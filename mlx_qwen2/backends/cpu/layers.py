@@ -46,7 +46,7 @@ import mlx.nn as nn
 from ...quant.dequantize import dequantize
 
 SMALL = 4  # tokens; above this, the float32 copy of the matrix is faster on CPU
-QUANTIZED_SMALL = 2  # tokens; above this, a 2-, 4- or 8-bit product over planes is faster (4 rows: 357 vs 663 ms)
+QUANTIZED_SMALL = 2  # tokens; above this a 2-, 4- or 8-bit product over planes is faster (benchmarks/decode_step.py)
 # With OpenBLAS (0.3.21 here) a float32 product of 16 rows is faster than one of 4, 8 or 12 on every matrix
 # of the 0.5B model (4864 x 896: 8 rows 1.34 ms, 16 rows 1.02 ms; likely only the larger one is threaded).
 # So products of FEW_ROWS rows (a batch of 2..15 sequences decoding together) run on rows padded with

@@ -1,0 +1,79 @@
+"""One decode step of a batch of sequences, by itself: milliseconds and tokens/s at each batch size.
+
+    python -m benchmarks.decode_step [--models 4bit float32] [--batches 1 2 4 8 16] [--keys 60]
+
+Each measurement is a fresh process: the model (the fixture model's folders of benchmarks.generation),
+a batch cache of B rows holding `--keys` random keys and values, one token a row through the model and
+the argmax of its logits, the median of 7 steps after 2. This is what batch_generate's decode part costs
+a step, without its prefill and scheduling (benchmarks/batch.py measures those, beside mlx-lm); ours only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from benchmarks.common import ROOT, median_seconds
+from benchmarks.generation import model_folders
+
+
+def worker(folder: str, batch: int, keys: int) -> None:
+    import mlx.core as mx
+
+    from mlx_qwen2 import load
+    from mlx_qwen2.cache.batch import BatchKVCache
+
+    model, _ = load(folder)
+    args = model.args
+    shape = (batch, args.n_kv_heads, keys, args.head_dim)
+    cache = [BatchKVCache(mx.random.normal(shape), mx.random.normal(shape), [0] * batch) for _ in model.layers]
+    tokens = mx.arange(100, 100 + batch)[:, None]
+
+    def step() -> mx.array:
+        y = mx.argmax(model(tokens, cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+        for c in cache:
+            c.trim(1)  # the same length every step
+        return y
+
+    seconds = median_seconds(step, rounds=7)
+    print(json.dumps({"ms": seconds * 1e3, "tokens_per_s": batch / seconds}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["4bit", "float32"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--keys", type=int, default=60, help="cached positions a row")
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker[0], int(args.worker[1]), args.keys)
+    folders = model_folders(args.models)
+    print("| model / batch | ms a step | tokens/s | x batch 1 |\n|---|---|---|---|")
+    for name, folder in folders.items():
+        first = None
+        for b in args.batches:
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.decode_step",
+                "--worker",
+                str(folder),
+                str(b),
+                "--keys",
+                str(args.keys),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            first = first or r["tokens_per_s"]
+            print(
+                f"| {name} / {b} | {r['ms']:.0f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / first:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
