@@ -57,26 +57,28 @@ def apply_top_p(logits: mx.array, p: float) -> mx.array:
     among them. Otherwise (a flat distribution) the whole vocabulary is sorted."""
     if p >= 1.0:
         return logits
-    n = TOP_P_CANDIDATES
+    n, lse = TOP_P_CANDIDATES, mx.logsumexp(logits, axis=-1, keepdims=True)  # lse: for either path
     if logits.shape[-1] > 2 * n:
         top = mx.argpartition(-logits, n - 1, axis=-1)[..., :n]  # the n most likely, in no order
-        top = mx.take_along_axis(top, mx.argsort(-mx.take_along_axis(logits, top, axis=-1), axis=-1), axis=-1)
-        values, before, total = _masses(logits, top)
+        values = mx.take_along_axis(logits, top, axis=-1)
+        order = mx.argsort(-values, axis=-1)
+        top, values = mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+        before, total = _masses(values, lse)
         if bool((total >= p).all()):  # a host sync
             kept = mx.where(before >= p, -mx.inf, values)
             return mx.put_along_axis(mx.full(logits.shape, -mx.inf, logits.dtype), top, kept, axis=-1)
     order = mx.argsort(-logits, axis=-1)
-    values, before, _ = _masses(logits, order)
+    values = mx.take_along_axis(logits, order, axis=-1)
+    before, _ = _masses(values, lse)
     return mx.put_along_axis(logits, order, mx.where(before >= p, -mx.inf, values), axis=-1)  # a scatter back
 
 
-def _masses(logits: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """For `tokens` (..., n), most likely first: their logits, the probability mass strictly before each, and
-    the mass of all n."""
-    values = mx.take_along_axis(logits, tokens, axis=-1)
-    probs = mx.exp(values - mx.logsumexp(logits, axis=-1, keepdims=True))
+def _masses(values: mx.array, lse: mx.array) -> tuple[mx.array, mx.array]:
+    """For logits `values` (..., n), most likely first, and the log of the whole vocabulary's normalizer: the
+    probability mass strictly before each, and the mass of all n."""
+    probs = mx.exp(values - lse)
     mass = mx.cumsum(probs, axis=-1)
-    return values, mass - probs, mass[..., -1]
+    return mass - probs, mass[..., -1]
 
 
 def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
