@@ -54,6 +54,7 @@ QUANTIZED_SMALL = 2  # tokens; above this a 2-, 4- or 8-bit product over planes 
 PAD_ROWS = 16
 FEW_ROWS = range(2, PAD_ROWS)
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
+PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
 PLANES_BLOCK = 1 << 21  # weights per block of a 2-, 4- or 8-bit product over planes (see planes_product)
 SMALL_COPY_BLOCK = 1 << 19  # the same for up to SMALL tokens: ~30% faster decoding of 16-bit weights here
 PRODUCT_BLOCK = 1 << 24  # most weights per block of a quantized product for up to SMALL tokens
@@ -70,7 +71,7 @@ def dequantize_f32(w: mx.array, scales: mx.array, biases: mx.array, group_size: 
     32 // bits fields, then a concatenation), twice the float32 output in temporaries. At 2, 4 and 8 bits
     a field never crosses a byte, so here each byte's fields are masked out of whole words and read as
     bytes (little-endian: the first field lowest): the same floats, ~2x faster, less held at once."""
-    if bits not in (2, 4, 8):
+    if bits not in PLANE_BITS:
         return dequantize(w, scales, biases, group_size, bits, dtype=F32)
     fields = [_field(w, bits, i) for i in range(8 // bits)]
     q = fields[0] if bits == 8 else mx.stack(fields, axis=-1)  # the bytes' fields interleaved back in order
@@ -210,9 +211,9 @@ def quantized_product(group_size: int, bits: int) -> Callable[..., mx.array]:
     @mx.custom_function
     def product(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
         in_dims, params, tokens = scales.shape[-1] * group_size, (w, scales, biases), _tokens(x)
-        if tokens <= QUANTIZED_SMALL or (tokens <= SMALL and bits not in (2, 4, 8)):
+        if tokens <= QUANTIZED_SMALL or (tokens <= SMALL and bits not in PLANE_BITS):
             return _spread_forward(x, params, in_dims, small)
-        if tokens <= PAD_ROWS and bits in (2, 4, 8):  # a batch decoding: planes, no float32 copy
+        if tokens <= PAD_ROWS and bits in PLANE_BITS:  # a batch decoding: planes, no float32 copy
             return _forward(x, params, in_dims, planes, PLANES_BLOCK)
         return _forward(x, params, in_dims, copies, COPY_BLOCK)  # prefill: one full-width product a block
 
