@@ -25,6 +25,7 @@ REFERENCE = "reference BLAS (MLX's default)"
 OFF = ("off", "0", "none")  # values of MLX_QWEN2_BLAS that opt out
 
 in_use: str = REFERENCE if sys.platform == "linux" else "platform default (Accelerate / GPU)"
+_library: ctypes.CDLL | None = None  # the OpenBLAS loaded by `preload`
 
 
 def on_reference_blas() -> bool:
@@ -34,7 +35,7 @@ def on_reference_blas() -> bool:
 
 def preload() -> str:
     """Load the first optimized BLAS found; returns a description of the BLAS in use."""
-    global in_use
+    global in_use, _library
     choice = os.environ.get("MLX_QWEN2_BLAS", "")
     if sys.platform != "linux" or choice.lower() in OFF:
         return in_use
@@ -43,9 +44,20 @@ def preload() -> str:
     found = ctypes.util.find_library("openblas")
     for name in ([choice] if choice else []) + ([found] if found else []) + list(CANDIDATES):
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            library = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        in_use = f"OpenBLAS ({name})"
+        in_use, _library = f"OpenBLAS ({name})", library
         break
     return in_use
+
+
+def threads() -> int:
+    """The threads OpenBLAS's next call may use (0: no OpenBLAS of ours loaded)."""
+    return _library.openblas_get_num_threads() if _library is not None else 0
+
+
+def set_threads(n: int) -> None:
+    """Let OpenBLAS's next calls use `n` threads (process-wide; read by each call as it starts)."""
+    if _library is not None:
+        _library.openblas_set_num_threads(n)

@@ -19,6 +19,7 @@ Adapters on the experts (LoRA) take MLX's gathered path. Knows nothing of files.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -26,7 +27,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ...models.experts import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
-from .layers import F32, _is_16_bit, _streams, dequantize_f32
+from . import layers
+from .layers import F32, _is_16_bit, _streams, dequantize_f32, rows_product
 
 SMALL_PAIRS = 16  # (token, expert) pairs up to which experts are gathered, not grouped
 PLAIN = (SwitchLinear, QuantizedSwitchLinear)
@@ -43,10 +45,11 @@ class GroupingSwitchGLU(SwitchGLU):
         x32 = x.astype(F32)
         if indices.size > SMALL_PAIRS:
             y = _grouped(projections, x32, indices, self.silu)
-        elif isinstance(self.gate_proj, QuantizedSwitchLinear):
-            y = _spread_pairs(x32, indices, super().__call__)
         elif _is_16_bit(self.gate_proj.weight):
-            y = _upcast_chosen(projections, x32, indices, self.silu)
+            upcast = functools.partial(_upcast_chosen, projections, silu=self.silu)
+            y = _spread_pairs(x32, indices, upcast) if layers.splitting() else upcast(x32, indices)
+        elif isinstance(self.gate_proj, QuantizedSwitchLinear) or layers.splitting():
+            y = _spread_pairs(x32, indices, super().__call__)  # float32: OpenBLAS on one thread (SPLIT_TOKENS)
         else:
             y = super().__call__(x32, indices)
         return y.astype(x.dtype)
@@ -107,9 +110,9 @@ def _grouped(projections: tuple[nn.Module, ...], x: mx.array, indices: mx.array,
         # expert's output, up's for gate's product, down's for both: one matrix's temporaries at a time (left
         # free to run side by side, MLX held ~4% of the weights' bytes more in float32, and more for copies).
         r = rows[int(ends[e] - counts[e]) : int(ends[e])]
-        g = r @ gate(e, previous).T
-        h = silu(g) * (r @ up(e, g).T)
-        previous = h @ down(e, h).T
+        g = rows_product(r, gate(e, previous))
+        h = silu(g) * rows_product(r, up(e, g))
+        previous = rows_product(h, down(e, h))
         outs.append(previous)
     y = mx.concatenate(outs)  # sorted order: every pair is in one group
     return y[mx.argsort(order)].reshape(*indices.shape, dim)

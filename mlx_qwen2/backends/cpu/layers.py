@@ -44,6 +44,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...quant.dequantize import dequantize
+from . import blas
 
 SMALL = 4  # tokens; above this, the float32 copy of the matrix is faster on CPU
 QUANTIZED_SMALL = 2  # tokens; above this a 2-, 4- or 8-bit product over planes is faster (benchmarks/decode_step.py)
@@ -53,6 +54,14 @@ QUANTIZED_SMALL = 2  # tokens; above this a 2-, 4- or 8-bit product over planes 
 # zeros to PAD_ROWS: a decode step of 8 sequences took 185 against 220 ms.
 PAD_ROWS = 16
 FEW_ROWS = range(2, PAD_ROWS)
+# OpenBLAS shares a product of a few rows between its threads poorly: each packs its share of the matrix,
+# then computes, one after the other. Two halves of the matrix on one thread each, on the two CPU streams
+# side by side, are faster (8 rows of the 4864 x 896 matrix: 1.51 ms on 2 threads, 1.01 ms so), but
+# OpenBLAS's thread count is process-wide: so `pace` sets it for a whole forward pass, from its tokens.
+# A pass of SPLIT_TOKENS tokens (a batch of 2-8 sequences decoding) runs OpenBLAS on one thread and deals
+# every product's rows out over the streams; other passes keep OpenBLAS's own threads (prefill: one
+# thread a half is slower; 9-16 rows: the padded product is as fast).
+SPLIT_TOKENS = range(2, 9)
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
 PLANES_BLOCK = 1 << 21  # weights per block of a 2-, 4- or 8-bit product over planes (see planes_product)
@@ -103,27 +112,69 @@ def planes_product(
     s = scales.astype(F32)[..., None]  # (out, groups, 1)
     y = rows_product(x.reshape(*x.shape[:-1], groups, group_size).sum(axis=-1), biases.astype(F32))
     streams = _streams()
-    planes = []
+    own = _split and fields >= len(streams)  # each stream multiplies its own planes, on one thread
+    terms = [y]
     for i in range(fields):
         with mx.stream(streams[i % len(streams)]):
             plane = _field(w, bits, i).reshape(out, groups, -1)  # (out, groups, group_size / f)
-            planes.append((plane.astype(F32) * s).reshape(out, -1))
-    for i, plane in enumerate(planes):
-        y = y + rows_product(x[..., i::fields], plane)
-    return y
+            plane = (plane.astype(F32) * s).reshape(out, -1)
+            if own:
+                terms.append(x[..., i::fields] @ plane.T)
+        if not own:
+            terms.append(rows_product(x[..., i::fields], plane))
+    return functools.reduce(mx.add, terms)
 
 
 def _tokens(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
 
-def rows_product(x: mx.array, w: mx.array) -> mx.array:
-    """x @ w.T, (..., in) x (out, in) -> (..., out); a product of 2..15 rows padded to 16 (see PAD_ROWS)."""
-    rows = _tokens(x)
+_own_threads: int | None = None  # OpenBLAS's thread count before `pace` first changed it
+_split = False  # whether the forward pass being built splits its products (see SPLIT_TOKENS)
+
+
+def pace(tokens: int) -> None:
+    """Set up the products of a forward pass of `tokens` tokens (see SPLIT_TOKENS). The CPU embeddings call
+    it as each pass starts, before the pass's products are built; OpenBLAS reads its thread count as each
+    call starts, so a pass still running from before is only slower for a moment, never different."""
+    global _own_threads, _split
+    if _own_threads is None:
+        _own_threads = blas.threads()
+    split = tokens in SPLIT_TOKENS and _own_threads > 1 and len(_streams()) > 1
+    if split != _split:
+        blas.set_threads(1 if split else _own_threads)
+        _split = split
+
+
+def splitting() -> bool:
+    """Whether the forward pass being built splits its products over the CPU streams (see SPLIT_TOKENS)."""
+    return _split
+
+
+def rows_product(x: mx.array, w: mx.array, dense: Callable[[mx.array], mx.array] | None = None) -> mx.array:
+    """x @ dense(w).T, (..., in) x (out, in) -> (..., out), `dense` making w's float32 matrix (default: w
+    itself); split over the CPU streams in a pass of SPLIT_TOKENS tokens, else a product of 2..15 rows
+    padded to 16 (see PAD_ROWS)."""
+    if _split:
+        return _split_product(x, w, dense)
+    rows, w = _tokens(x), w if dense is None else dense(w)
     if rows not in FEW_ROWS:
         return x @ w.T
     flat = mx.pad(x.reshape(rows, x.shape[-1]), [(0, PAD_ROWS - rows), (0, 0)])
     return (flat @ w.T)[:rows].reshape(*x.shape[:-1], w.shape[0])
+
+
+def _split_product(x: mx.array, w: mx.array, dense: Callable[[mx.array], mx.array] | None) -> mx.array:
+    """x @ dense(w).T with w's rows in one block per CPU stream, each block made and multiplied on its own."""
+    streams = _streams()
+    step = -(-w.shape[0] // len(streams))
+    flat = x.reshape(-1, x.shape[-1])
+    parts = []
+    for i, stream in enumerate(streams):
+        with mx.stream(stream):
+            block = w[i * step : (i + 1) * step]
+            parts.append(flat @ (block if dense is None else dense(block)).T)
+    return mx.concatenate(parts, axis=-1).reshape(*x.shape[:-1], w.shape[0])
 
 
 def _row_blocks(rows: int, row_size: int, budget: int) -> list[slice]:
@@ -230,7 +281,11 @@ def quantized_product(group_size: int, bits: int) -> Callable[..., mx.array]:
 def upcast_product(x: mx.array, w: mx.array) -> mx.array:
     """x @ W.T for a 16-bit float W, computed in float32 as described above (the weight is trainable)."""
     budget = SMALL_COPY_BLOCK if _tokens(x) <= SMALL else COPY_BLOCK
-    return _forward(x, (w,), w.shape[-1], lambda x32, b: rows_product(x32, b.astype(F32)), budget)
+    return _forward(x, (w,), w.shape[-1], lambda x32, b: rows_product(x32, b, _upcast), budget)
+
+
+def _upcast(w: mx.array) -> mx.array:
+    return w.astype(F32)
 
 
 @upcast_product.vjp
@@ -259,6 +314,7 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
     computed in float32."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        pace(x.size)  # a forward pass starts here
         return super().__call__(x).astype(F32)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -278,6 +334,7 @@ class UpcastingEmbedding(nn.Embedding):
     like UpcastingLinear's."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        pace(x.size)  # a forward pass starts here
         return super().__call__(x).astype(F32)
 
     def as_linear(self, x: mx.array) -> mx.array:
