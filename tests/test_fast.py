@@ -105,6 +105,7 @@ def test_gpus_are_left_alone():
 @pytest.mark.parametrize("rows", [1, 2, 5, 15, 16, 40])
 def test_few_row_products_are_padded_and_unchanged(rows, monkeypatch):
     """2..15 rows go through a 16-row product (OpenBLAS threads it); the rows that come back are the same."""
+    monkeypatch.setattr(fast, "_split", False)  # outside a pass of 2-8 tokens
     w = mx.random.normal((96, 64), key=mx.random.key(1))
     x = mx.random.normal((rows, 1, 64), key=mx.random.key(2))  # (batch, 1 token, in): a batched decode step
     seen = []
@@ -211,3 +212,90 @@ def test_dequantize_f32_equals_mlx_dequantize(bits, group_size):
             theirs = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
             assert ours.dtype == mx.float32 and ours.shape == theirs.shape
             np.testing.assert_array_equal(np.array(ours), np.array(theirs))
+
+
+def _split_everywhere(monkeypatch) -> list[int]:
+    """Passes of 2-8 tokens split their products over two CPU streams, whatever this machine has; returns
+    the thread counts `pace` gives OpenBLAS (stubbed: OpenBLAS keeps its own)."""
+    calls: list[int] = []
+    streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    monkeypatch.setattr(fast, "_streams", lambda: streams)
+    monkeypatch.setattr(fast.blas, "own_threads", 4)
+    monkeypatch.setattr(fast.blas, "set_threads", calls.append)
+    monkeypatch.setattr(fast, "_split", False)
+    return calls
+
+
+def test_pace_gives_openblas_one_thread_for_passes_of_2_to_8_tokens(monkeypatch):
+    calls = _split_everywhere(monkeypatch)
+    for tokens, split in ((1, False), (2, True), (8, True), (9, False), (4, True), (1, False), (5, True)):
+        fast.pace(tokens)
+        assert fast.splitting() == split, tokens
+    assert calls == [1, 4, 1, 4, 1]  # only on a change
+    fast.settle()
+    assert calls[-1] == 4 and not fast.splitting()
+    monkeypatch.setattr(fast.blas, "own_threads", 1)  # OpenBLAS asked for one thread: nothing is split
+    fast.pace(4)
+    assert not fast.splitting()
+
+
+def test_real_openblas_threads_follow_the_passes(tiny_untied):
+    """With the OpenBLAS that `preload` loaded: one thread during a batch of 4 decoding, its own after."""
+    from mlx_qwen2 import load
+    from mlx_qwen2.generation import batch_generate
+
+    own = fast.blas.own_threads
+    if own < 2 or len(fast._streams()) < 2:
+        pytest.skip(f"OpenBLAS threads {own}, {len(fast._streams())} CPU streams: passes are never split here")
+    model, tok = load(tiny_untied)
+    seen = []
+    real = fast.rows_product
+    try:
+        fast.rows_product = lambda *a, **k: seen.append(fast.blas.threads()) or real(*a, **k)
+        batch_generate(model, tok, ["a b", "c d e", "f", "g h i j"], max_tokens=3)
+    finally:
+        fast.rows_product = real
+    assert 1 in seen and own in seen  # decode steps of 4 rows on one thread; the prompts' prefill on its own
+    assert fast.blas.threads() == own and not fast.splitting()
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit", "3bit"])
+def test_split_products_equal_the_exact_product(kind, monkeypatch):
+    """In a pass of 2-8 tokens every product is computed in row blocks on the CPU streams (planes on the
+    streams that make them): the exact product of the (dequantized) matrix in float64."""
+    _split_everywhere(monkeypatch)
+    quantized = kind[0].isdigit()
+    theirs, ours = _pair(quantized, mx.bfloat16 if kind == "bfloat16" else mx.float32, int(kind[0]) if quantized else 4)
+    x = mx.random.normal((5, 1, 128))  # a batch of 5 decoding
+    expected = np.array(x, dtype=np.float64) @ _dense(theirs).T + np.array(ours.bias.astype(mx.float32))
+    fast.pace(5)
+    assert fast.splitting()
+    got = ours(x.astype(ours.weight.dtype) if kind == "bfloat16" else x)
+    _close(got, expected, mx.bfloat16 if kind == "bfloat16" else mx.float32)
+
+
+def test_batch_decoding_with_split_products_gives_the_same_logits(tiny_tied, monkeypatch):
+    """A decode step of 4 rows of the tiny model (tied head, 4-bit and float32): split as on a machine with
+    OpenBLAS threads to spare, and not split: the same logits to float32 rounding."""
+    from mlx_qwen2 import load
+    from mlx_qwen2.cache.batch import BatchKVCache
+    from mlx_qwen2.quant.affine import quantize_model
+
+    for bits in (None, 4):
+        model, _ = load(tiny_tied, fast=False)
+        if bits:
+            quantize_model(model, group_size=32, bits=bits)
+        assert use_fast_layers(model, mx.Device(mx.cpu)) > 0
+        logits = []
+        for split in (False, True):
+            if split:
+                _split_everywhere(monkeypatch)
+            else:
+                monkeypatch.setattr(fast, "SPLIT_TOKENS", range(0))
+            mx.random.seed(3)
+            shape = (4, model.args.n_kv_heads, 7, model.args.head_dim)
+            cache = [BatchKVCache(mx.random.normal(shape), mx.random.normal(shape), [0, 2, 0, 5]) for _ in model.layers]
+            logits.append(np.array(model(mx.array([[3], [9], [4], [1]]), cache=cache)))
+            assert fast.splitting() == split
+            monkeypatch.undo()
+        np.testing.assert_allclose(logits[1], logits[0], atol=2e-5)

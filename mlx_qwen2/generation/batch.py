@@ -22,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..backends.cpu.layers import settle
 from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.batch import BatchKVCache
 from ..cache.config import CacheConfig
@@ -373,6 +374,7 @@ class Engine:
             self.batch_cache = None
             if not self.busy:
                 mx.clear_cache()  # idle: give the freed buffers back
+                settle()
             return
         for c in self.batch_cache:
             c.filter(keep)
@@ -471,7 +473,10 @@ def batch_generate(
             engine.add(Request(ids, cfg, id=i))
     planned = sum(len(s.request.prompt) + s.request.config.max_tokens for s in engine.waiting)
     with wired_limit(model, planned * kv_bytes_per_token(model)):
-        _run(engine, results, partial, on_result)
+        try:
+            _run(engine, results, partial, on_result)
+        finally:
+            settle()
     return [results[i] for i in range(len(prompts))]
 
 

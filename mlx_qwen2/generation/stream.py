@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..backends.cpu.layers import settle
 from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.config import CacheConfig
 from ..errors import UserError
@@ -123,7 +124,10 @@ def stream_generate(
         after = cache_config.maybe_quantize if cache_config.kv_bits is not None else None
         tokens = generate_step(mx.array(ids), model, cache, sampler, processors, config.prefill_step_size, key, after)
     with wired_limit(model, (cached + len(ids) + max_tokens) * kv_bytes_per_token(model)):
-        yield from _responses(tokens, max_tokens, text, clock, ids, cached, cache, stats)
+        try:
+            yield from _responses(tokens, max_tokens, text, clock, ids, cached, cache, stats)
+        finally:
+            settle()
 
 
 def _responses(

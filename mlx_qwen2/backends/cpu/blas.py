@@ -26,6 +26,7 @@ OFF = ("off", "0", "none")  # values of MLX_QWEN2_BLAS that opt out
 
 in_use: str = REFERENCE if sys.platform == "linux" else "platform default (Accelerate / GPU)"
 _library: ctypes.CDLL | None = None  # the OpenBLAS loaded by `preload`
+own_threads = 0  # its thread count as loaded (OPENBLAS_NUM_THREADS, else the cores); 0 without it
 
 
 def on_reference_blas() -> bool:
@@ -35,7 +36,7 @@ def on_reference_blas() -> bool:
 
 def preload() -> str:
     """Load the first optimized BLAS found; returns a description of the BLAS in use."""
-    global in_use, _library
+    global in_use, _library, own_threads
     choice = os.environ.get("MLX_QWEN2_BLAS", "")
     if sys.platform != "linux" or choice.lower() in OFF:
         return in_use
@@ -48,6 +49,7 @@ def preload() -> str:
         except OSError:
             continue
         in_use, _library = f"OpenBLAS ({name})", library
+        own_threads = library.openblas_get_num_threads()
         break
     return in_use
 

@@ -129,7 +129,6 @@ def _tokens(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
 
-_own_threads: int | None = None  # OpenBLAS's thread count before `pace` first changed it
 _split = False  # whether the forward pass being built splits its products (see SPLIT_TOKENS)
 
 
@@ -137,13 +136,17 @@ def pace(tokens: int) -> None:
     """Set up the products of a forward pass of `tokens` tokens (see SPLIT_TOKENS). The CPU embeddings call
     it as each pass starts, before the pass's products are built; OpenBLAS reads its thread count as each
     call starts, so a pass still running from before is only slower for a moment, never different."""
-    global _own_threads, _split
-    if _own_threads is None:
-        _own_threads = blas.threads()
-    split = tokens in SPLIT_TOKENS and _own_threads > 1 and len(_streams()) > 1
+    global _split
+    split = tokens in SPLIT_TOKENS and blas.own_threads > 1 and len(_streams()) > 1
     if split != _split:
-        blas.set_threads(1 if split else _own_threads)
+        blas.set_threads(1 if split else blas.own_threads)
         _split = split
+
+
+def settle() -> None:
+    """OpenBLAS back to its own thread count (generation calls it as it ends: a last pass of SPLIT_TOKENS
+    tokens would otherwise leave OpenBLAS on one thread for whatever the process multiplies next)."""
+    pace(0)
 
 
 def splitting() -> bool:
