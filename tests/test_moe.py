@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from mlx_qwen2 import load, stream_generate
+from mlx_qwen2.backends.cpu import layers as cpu_layers
 from mlx_qwen2.backends.cpu.experts import GroupingSwitchGLU
 from mlx_qwen2.backends.cpu.fast import use_fast_layers
 from mlx_qwen2.cache import KVCache
@@ -326,11 +327,15 @@ def test_gguf_import_gives_transformers_tensors(tmp_path, dense):
         np.testing.assert_array_equal(np.array(ours[key]), np.array(value), err_msg=key)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["", "split"])  # as in a pass of 2-8 tokens (layers.pace)
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # gathered (decode) and grouped by expert (prefill)
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit"])
-def test_cpu_experts_compute_what_mlx_computes(tokens, kind):
+def test_cpu_experts_compute_what_mlx_computes(tokens, kind, split, monkeypatch):
     """backends/cpu/experts.py against MLX's own gathered products: outputs and input gradients (experts 6
-    and 7 unused: skipped when grouping)."""
+    and 7 unused: skipped when grouping); also with the products split over two CPU streams."""
+    streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    monkeypatch.setattr(cpu_layers, "_streams", lambda: streams)
+    monkeypatch.setattr(cpu_layers, "_split", split)
     mx.random.seed(1)
     plain, holder = SwitchGLU(64, 32, 8), nn.Module()
     holder.glu = SwitchGLU(64, 32, 8)
