@@ -19,7 +19,10 @@ CPU, quantized layers and 16-bit float layers compute in float32:
   (dequantized, or upcast) times the input, through BLAS (for one token,
   upcasting and BLAS's float32 product beat MLX's bfloat16 one by ~25%);
 
-and round the result back to the activations' dtype. The embeddings hand
+and round the result back to the activations' dtype. A forward pass of 2-8
+tokens (a batch decoding) runs OpenBLAS on one thread and splits every
+product over the CPU streams, one block each side by side (`pace`, set by
+the embeddings as each pass starts; see SPLIT_TOKENS). The embeddings hand
 the model float32 activations, as MLX's 16-bit elementwise operations
 (norms, attention, residuals) are slow on CPU too: prefill of the 0.5B
 model ~1.4x faster. The KV cache is then float32 as well, twice a 16-bit
