@@ -2,14 +2,16 @@
 
     python -m benchmarks.batch [--models float32 bfloat16 4bit] [--batches 1 4 8 16] [--prompt-tokens 32]
                                [--gen-tokens 32] [--user-batches 1 8] [--user-models float32 bfloat16]
-                               [--skip-kv] [--skip-prefix] [--skip-kinds] [--kinds-window 256]
+                               [--rounds 1] [--skip-kv] [--skip-prefix] [--skip-kinds] [--kinds-window 256]
 
 1. Aggregate generated tokens/s (prefill included) of `batch_generate` at each batch size, ours and
    mlx-lm's, each measurement in a fresh process (benchmarks/batch_worker.py), end tokens ignored so
    both generate the same count. mlx-lm runs with the same OpenBLAS as ours (LD_PRELOAD) at every
    batch size, and as its users run it (MLX's reference BLAS) at --user-batches of --user-models only:
    it is slow (its 4-bit prefill runs at about 0.5 tokens/s here).
-   Prompts are slices of held-out text of different lengths (--prompt-tokens, +0/4/8/12).
+   Prompts are slices of held-out text of different lengths (--prompt-tokens, +0/4/8/12). With
+   --rounds N every measurement is made N times, the rounds interleaved, and the run of median
+   tokens/s is reported (the lower middle one of an even count).
 2. The KV cache at 4,096 tokens of held-out text (float32 real model, chunks of 512): bytes held by
    the float, 8-bit and 4-bit caches, and the perplexity each gives.
 3. The prefix cache: time to first token of a request after another that shares a 1,000-token prefix,
@@ -50,23 +52,36 @@ def throughput(args: argparse.Namespace) -> dict:
     step = args.prompt_tokens + 16
     prompts = [ids[i * step : i * step + args.prompt_tokens + 4 * (i % 4)] for i in range(max(args.batches))]
     results: dict = {}
+    runs: dict[tuple[str, str], list[dict | None]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "prompts.json"
         ids_file.write_text(json.dumps(prompts))
-        for name, folder in folders.items():
-            weights = sum(w.nbytes for w in load_weights(folder).values())
-            for batch in args.batches:
-                row = results.setdefault(f"{name} / batch {batch}", {"weights_gb": weights / 1e9})
-                for tool in TOOLS:
-                    if tool == "mlx-lm" and (batch not in args.user_batches or name not in args.user_models):
-                        continue
-                    if tool == "mlx-lm + OpenBLAS" and args.lm_batches is not None and batch not in args.lm_batches:
-                        continue
-                    argv = ["--model", str(folder), "--ids", str(ids_file), "--batch", str(batch)]
-                    argv += ["--gen-tokens", str(args.gen_tokens)]
-                    row[tool] = run_worker("batch_worker", tool, argv, args.timeout)
-                    print(f"{name} batch {batch} {tool}: {row[tool]}", flush=True)
+        for round_ in range(args.rounds):  # interleaved: a slow spell of the machine hits every figure alike
+            for name, folder in folders.items():
+                weights = sum(w.nbytes for w in load_weights(folder).values())
+                for batch in args.batches:
+                    key = f"{name} / batch {batch}"
+                    results.setdefault(key, {"weights_gb": weights / 1e9})
+                    for tool in TOOLS:
+                        if tool == "mlx-lm" and (batch not in args.user_batches or name not in args.user_models):
+                            continue
+                        if tool == "mlx-lm + OpenBLAS" and args.lm_batches is not None and batch not in args.lm_batches:
+                            continue
+                        argv = ["--model", str(folder), "--ids", str(ids_file), "--batch", str(batch)]
+                        argv += ["--gen-tokens", str(args.gen_tokens)]
+                        result = run_worker("batch_worker", tool, argv, args.timeout)
+                        runs.setdefault((key, tool), []).append(result)
+                        print(f"round {round_ + 1}: {name} batch {batch} {tool}: {result}", flush=True)
+    for (key, tool), measured in runs.items():
+        results[key][tool] = _median_run(measured)
     return results
+
+
+def _median_run(measured: list[dict | None]) -> dict | None:
+    """The run of median tokens/s (the lower middle one of an even count); None if any timed out."""
+    if any(m is None for m in measured):
+        return None
+    return sorted(measured, key=lambda m: m["tokens_per_s"])[(len(measured) - 1) // 2]
 
 
 def kv_cache(tokens: int = 4096, chunk: int = 512) -> dict:
@@ -179,6 +194,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--rounds", type=int, default=1, help="part 1 measured this many times, interleaved; medians")
     p.add_argument("--skip-kv", action="store_true")
     p.add_argument("--skip-prefix", action="store_true")
     p.add_argument("--skip-kinds", action="store_true")
