@@ -220,7 +220,7 @@ def _split_everywhere(monkeypatch) -> list[int]:
     calls: list[int] = []
     streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
     monkeypatch.setattr(fast, "_streams", lambda: streams)
-    monkeypatch.setattr(fast.blas, "own_threads", 4)
+    monkeypatch.setattr(fast.blas, "own_threads", 2)
     monkeypatch.setattr(fast.blas, "set_threads", calls.append)
     monkeypatch.setattr(fast, "_split", False)
     return calls
@@ -231,9 +231,12 @@ def test_pace_gives_openblas_one_thread_for_passes_of_2_to_8_tokens(monkeypatch)
     for tokens, split in ((1, False), (2, True), (8, True), (9, False), (4, True), (1, False), (5, True)):
         fast.pace(tokens)
         assert fast.splitting() == split, tokens
-    assert calls == [1, 4, 1, 4, 1]  # only on a change
+    assert calls == [1, 2, 1, 2, 1]  # only on a change
     fast.settle()
-    assert calls[-1] == 4 and not fast.splitting()
+    assert calls[-1] == 2 and not fast.splitting()
+    monkeypatch.setattr(fast.blas, "own_threads", 4)  # more threads than streams: OpenBLAS keeps them
+    fast.pace(4)
+    assert not fast.splitting()
     monkeypatch.setattr(fast.blas, "own_threads", 1)  # OpenBLAS asked for one thread: nothing is split
     fast.pace(4)
     assert not fast.splitting()

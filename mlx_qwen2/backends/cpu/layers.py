@@ -63,7 +63,8 @@ FEW_ROWS = range(2, PAD_ROWS)
 # OpenBLAS's thread count is process-wide: so `pace` sets it for a whole forward pass, from its tokens.
 # A pass of SPLIT_TOKENS tokens (a batch of 2-8 sequences decoding) runs OpenBLAS on one thread and deals
 # every product's rows out over the streams; other passes keep OpenBLAS's own threads (prefill: one
-# thread a half is slower; 9-16 rows: the padded product is as fast).
+# thread a half is slower; 9-16 rows: the padded product is as fast). Only where the streams can use all
+# of OpenBLAS's threads (here: 2 and 2; more cores than MAX_STREAMS keep OpenBLAS's threads).
 SPLIT_TOKENS = range(2, 9)
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
@@ -140,7 +141,7 @@ def pace(tokens: int) -> None:
     it as each pass starts, before the pass's products are built; OpenBLAS reads its thread count as each
     call starts, so a pass still running from before is only slower for a moment, never different."""
     global _split
-    split = tokens in SPLIT_TOKENS and blas.own_threads > 1 and len(_streams()) > 1
+    split = tokens in SPLIT_TOKENS and 1 < blas.own_threads <= len(_streams())  # the streams use every thread
     if split != _split:
         blas.set_threads(1 if split else blas.own_threads)
         _split = split
