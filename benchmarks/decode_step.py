@@ -1,17 +1,21 @@
 """One decode step of a batch of sequences, by itself: milliseconds and tokens/s at each batch size.
 
-    python -m benchmarks.decode_step [--models 4bit float32] [--batches 1 2 4 8 16] [--keys 60]
+    python -m benchmarks.decode_step [--models 4bit float32] [--batches 1 2 4 8 16] [--keys 60] [--rounds 1]
 
 Each measurement is a fresh process: the model (the fixture model's folders of benchmarks.generation),
 a batch cache of B rows holding `--keys` random keys and values, one token a row through the model and
 the argmax of its logits, the median of 7 steps after 2. This is what batch_generate's decode part costs
 a step, without its prefill and scheduling (benchmarks/batch.py measures those, beside mlx-lm); ours only.
+Each step is measured twice: as shipped, and with passes of 2-8 tokens not split over the CPU streams
+(`backends/cpu/layers.SPLIT_TOKENS` emptied: OpenBLAS keeps its threads, products padded to 16 rows),
+interleaved, `--rounds` times each (medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
@@ -19,11 +23,15 @@ from benchmarks.common import ROOT, median_seconds
 from benchmarks.generation import model_folders
 
 
-def worker(folder: str, batch: int, keys: int) -> None:
+def worker(folder: str, batch: int, keys: int, split: bool) -> None:
     import mlx.core as mx
 
     from mlx_qwen2 import load
+    from mlx_qwen2.backends.cpu import layers
     from mlx_qwen2.cache.batch import BatchKVCache
+
+    if not split:
+        layers.SPLIT_TOKENS = range(0)
 
     model, _ = load(folder)
     args = model.args
@@ -47,30 +55,29 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["4bit", "float32"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--keys", type=int, default=60, help="cached positions a row")
-    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=1, help="measurements of each step, interleaved (medians)")
+    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args.worker[0], int(args.worker[1]), args.keys)
+        return worker(args.worker[0], int(args.worker[1]), args.keys, args.worker[2] == "split")
     folders = model_folders(args.models)
-    print("| model / batch | ms a step | tokens/s | x batch 1 |\n|---|---|---|---|")
+    print("| model / batch | ms a step | tokens/s | x batch 1 | ms, not split | split / not |")
+    print("|---|---|---|---|---|---|")
     for name, folder in folders.items():
         first = None
         for b in args.batches:
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.decode_step",
-                "--worker",
-                str(folder),
-                str(b),
-                "--keys",
-                str(args.keys),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            first = first or r["tokens_per_s"]
+            ms = {"split": [], "plain": []}
+            for _ in range(args.rounds):
+                for mode in ms:
+                    cmd = [sys.executable, "-m", "benchmarks.decode_step", "--keys", str(args.keys)]
+                    cmd += ["--worker", str(folder), str(b), mode]
+                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+                    ms[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+            split, plain = statistics.median(ms["split"]), statistics.median(ms["plain"])
+            rate = b / split * 1e3
+            first = first or rate
             print(
-                f"| {name} / {b} | {r['ms']:.0f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / first:.2f}x |",
+                f"| {name} / {b} | {split:.0f} | {rate:.1f} | {rate / first:.2f}x | {plain:.0f} | {split / plain:.2f} |",
                 flush=True,
             )
 
