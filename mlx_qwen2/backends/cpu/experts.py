@@ -27,8 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ...models.experts import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
-from . import layers
-from .layers import F32, _is_16_bit, _streams, dequantize_f32, rows_product
+from .layers import F32, _is_16_bit, _streams, dequantize_f32, rows_product, splitting
 
 SMALL_PAIRS = 16  # (token, expert) pairs up to which experts are gathered, not grouped
 PLAIN = (SwitchLinear, QuantizedSwitchLinear)
@@ -47,8 +46,8 @@ class GroupingSwitchGLU(SwitchGLU):
             y = _grouped(projections, x32, indices, self.silu)
         elif _is_16_bit(self.gate_proj.weight):
             upcast = functools.partial(_upcast_chosen, projections, silu=self.silu)
-            y = _spread_pairs(x32, indices, upcast) if layers.splitting() else upcast(x32, indices)
-        elif isinstance(self.gate_proj, QuantizedSwitchLinear) or layers.splitting():
+            y = _spread_pairs(x32, indices, upcast) if splitting() else upcast(x32, indices)
+        elif isinstance(self.gate_proj, QuantizedSwitchLinear) or splitting():
             y = _spread_pairs(x32, indices, super().__call__)  # float32: OpenBLAS on one thread (SPLIT_TOKENS)
         else:
             y = super().__call__(x32, indices)

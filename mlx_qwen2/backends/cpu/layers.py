@@ -59,8 +59,9 @@ PAD_ROWS = 16
 FEW_ROWS = range(2, PAD_ROWS)
 # OpenBLAS shares a product of a few rows between its threads poorly: each packs its share of the matrix,
 # then computes, one after the other. Two halves of the matrix on one thread each, on the two CPU streams
-# side by side, are faster (8 rows of the 4864 x 896 matrix: 1.51 ms on 2 threads, 1.01 ms so), but
-# OpenBLAS's thread count is process-wide: so `pace` sets it for a whole forward pass, from its tokens.
+# side by side, are faster (a decode step of 8 float32 sequences: 246 against 269 ms, 4-bit: 513 against
+# 682 ms; benchmarks/decode_step.py), but OpenBLAS's thread count is process-wide: so `pace` sets it for
+# a whole forward pass, from its tokens.
 # A pass of SPLIT_TOKENS tokens (a batch of 2-8 sequences decoding) runs OpenBLAS on one thread and deals
 # every product's rows out over the streams; other passes keep OpenBLAS's own threads (prefill: one
 # thread a half is slower; 9-16 rows: the padded product is as fast). Only where the streams can use all
