@@ -174,15 +174,10 @@ def rows_product(x: mx.array, w: mx.array, dense: Callable[[mx.array], mx.array]
 
 def _split_product(x: mx.array, w: mx.array, dense: Callable[[mx.array], mx.array] | None) -> mx.array:
     """x @ dense(w).T with w's rows in one block per CPU stream, each block made and multiplied on its own."""
-    streams = _streams()
-    step = -(-w.shape[0] // len(streams))
-    flat = x.reshape(-1, x.shape[-1])
-    parts = []
-    for i, stream in enumerate(streams):
-        with mx.stream(stream):
-            block = w[i * step : (i + 1) * step]
-            parts.append(flat @ (block if dense is None else dense(block)).T)
-    return mx.concatenate(parts, axis=-1).reshape(*x.shape[:-1], w.shape[0])
+    flat, rows = x.reshape(-1, x.shape[-1]), w.shape[0]
+    blocks = _row_blocks(rows, 1, -(-rows // len(_streams())))  # one block a stream
+    parts = _spread(blocks, (w,), lambda b: flat @ (b if dense is None else dense(b)).T)
+    return mx.concatenate(parts, axis=-1).reshape(*x.shape[:-1], rows)
 
 
 def _row_blocks(rows: int, row_size: int, budget: int) -> list[slice]:
