@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..backends.cpu.layers import settle
+from ..backends.cpu.layers import inference, settle
 from ..backends.metal import kv_bytes_per_token, wired_limit
 from ..cache.batch import BatchKVCache
 from ..cache.config import CacheConfig
@@ -233,6 +233,7 @@ class Engine:
         pads = [width - len(s.pending) for s in group]
         return _Prefill(group, self.cache_config.make_batch(pads, len(self.model.layers)))
 
+    @inference()
     def _prefill_chunk(self, group: _Prefill) -> list[Event]:
         step, scored = self.prefill_step_size, group.seqs[0].prompt_scores is not None
         if group.left > step:

@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..backends.cpu.layers import inference
 from ..cache.kv import KVCache, make_cache
 from ..cache.prefix import common_prefix
 from ..errors import UserError
@@ -195,6 +196,7 @@ def speculative_generate_step(
         yield from new
 
 
+@inference()
 def check_step(
     model: Model,
     cache: list[Any],

@@ -12,11 +12,13 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..backends.cpu.layers import inference
 from ..errors import UserError
 from ..models import Model
 from ..sample import LogitsProcessor, Sampler
 
 
+@inference()
 def prefill(
     model: Model, tokens: mx.array, cache: list[Any], step: int, after: Callable[[list[Any]], None] | None = None
 ) -> mx.array:
@@ -35,6 +37,7 @@ def prefill(
     return tokens
 
 
+@inference()
 def fill(model: Model, tokens: list[int], cache: list[Any], step: int = 512) -> None:
     """Run all of `tokens` through the model into the cache, in chunks; no logits (for a prompt cache)."""
     last = prefill(model, mx.array(tokens), cache, step)
@@ -42,6 +45,7 @@ def fill(model: Model, tokens: list[int], cache: list[Any], step: int = 512) -> 
     mx.eval([c.state for c in cache])
 
 
+@inference()
 def next_logits(model: Model, tokens: mx.array, cache: list[Any]) -> mx.array:
     """Logits (B, vocab) of the position after `tokens` (B, L), the cache extended by them."""
     return model.head(model.model(tokens, cache)[:, -1:, :])[:, 0, :]

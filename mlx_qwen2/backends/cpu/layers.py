@@ -39,15 +39,17 @@ swapped. Knows nothing of files.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ...quant.dequantize import dequantize
-from . import blas
+from . import blas, kernels
 
 SMALL = 4  # tokens; above this, the float32 copy of the matrix is faster on CPU
 QUANTIZED_SMALL = 2  # tokens; above this a 2-, 4- or 8-bit product over planes is faster (benchmarks/decode_step.py)
@@ -67,6 +69,10 @@ FEW_ROWS = range(2, PAD_ROWS)
 # thread a half is slower; 9-16 rows: the padded product is as fast). Only where the streams can use all
 # of OpenBLAS's threads (here: 2 and 2; more cores than MAX_STREAMS keep OpenBLAS's threads).
 SPLIT_TOKENS = range(2, 9)
+# In generation's passes (`inference`), products of few rows go to the compiled kernels (`kernels`), which
+# read each matrix once on every core: float32 up to KERNEL_F32_ROWS rows (at 16 OpenBLAS's padded product
+# is as fast), 16-bit and 2-, 4-, 8-bit matrices up to kernels.MAX_ROWS.
+KERNEL_F32_ROWS = 8
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
 PLANES_BLOCK = 1 << 21  # weights per block of a 2-, 4- or 8-bit product over planes (see planes_product)
@@ -132,6 +138,34 @@ def planes_product(
 
 def _tokens(x: mx.array) -> int:
     return x.size // x.shape[-1]
+
+
+_passes = threading.local()  # depth: how many `inference` blocks this thread is in
+
+
+@contextlib.contextmanager
+def inference() -> Iterator[None]:
+    """Forward passes built inside run few-row products through the compiled kernels (`kernels`). Only for
+    passes nothing differentiates or compiles: a kernel's result is computed as the pass is built, outside
+    MLX's graph (generation's prefill and decode steps enter it)."""
+    depth = getattr(_passes, "depth", 0)
+    _passes.depth = depth + 1
+    try:
+        yield
+    finally:
+        _passes.depth = depth
+
+
+def _kernel(
+    x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, group_size=0, bits=0
+) -> mx.array | None:
+    """x @ W.T by the compiled kernels where they apply (inside `inference`, few rows), else None."""
+    rows = _tokens(x)
+    if not getattr(_passes, "depth", 0) or (scales is None and w.dtype == F32 and rows > KERNEL_F32_ROWS):
+        return None
+    if not kernels.supported(rows, w, scales, group_size, bits):
+        return None
+    return kernels.product(x, w, scales, biases, group_size, bits).astype(x.dtype)
 
 
 _split = False  # whether the forward pass being built splits its products (see SPLIT_TOKENS)
@@ -304,11 +338,26 @@ def _is_16_bit(x: mx.array) -> bool:
     return x.dtype in (mx.float16, mx.bfloat16)
 
 
+def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
+    """x @ W.T for a quantized layer's (or embedding's) W."""
+    params = (layer.weight, layer.scales, layer.biases)
+    y = _kernel(x, *params, layer.group_size, layer.bits)
+    return y if y is not None else quantized_product(layer.group_size, layer.bits)(x, *params)
+
+
+def _float(x: mx.array, w: mx.array) -> mx.array:
+    """x @ W.T for a float layer's (or embedding's) W."""
+    y = _kernel(x, w)
+    if y is not None:
+        return y
+    return upcast_product(x, w) if _is_16_bit(w) else rows_product(x, w)
+
+
 class DequantizingLinear(nn.QuantizedLinear):
     """A QuantizedLinear computed in float32 (see above)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = quantized_product(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
+        y = _quantized(x, self)
         return y + self.bias if "bias" in self else y
 
 
@@ -321,14 +370,14 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
         return super().__call__(x).astype(F32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return quantized_product(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
+        return _quantized(x, self)
 
 
 class UpcastingLinear(nn.Linear):
     """A float Linear computed in float32: 16-bit weights upcast block by block; few-row products padded."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = upcast_product(x, self.weight) if _is_16_bit(self.weight) else rows_product(x, self.weight)
+        y = _float(x, self.weight)
         return y + self.bias if "bias" in self else y
 
 
@@ -341,4 +390,4 @@ class UpcastingEmbedding(nn.Embedding):
         return super().__call__(x).astype(F32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return upcast_product(x, self.weight) if _is_16_bit(self.weight) else rows_product(x, self.weight)
+        return _float(x, self.weight)

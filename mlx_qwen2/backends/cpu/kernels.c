@@ -1,0 +1,191 @@
+/* Few-row products for MLX's CPU backend: y = x @ W.T for 1..MAX_ROWS rows of x (float32), W float32,
+ * bfloat16, float16 or packed affine 2-, 4- or 8-bit (MLX's layout: field j of a row at bits j * bits of
+ * its little-endian uint32 words, a scale and a bias per group of `group` fields).
+ *
+ * A batch decoding multiplies a few rows by every matrix of the model. OpenBLAS packs the matrix for such
+ * a product and then computes, and MLX's quantized kernel runs on one thread; here each thread streams its
+ * own contiguous share of W's rows once: NB rows at a time are made float32 (16-bit: widened; quantized:
+ * q * scale + bias, in the order of the byte's fields), then multiplied by every row of x, MT rows at a
+ * time, NB x MT vector accumulators in registers. For quantized W, x is first permuted into the order the
+ * fields come out of each 16 bytes (plane p of a chunk holds fields p, p + f, p + 2f, ..., f = 8 / bits),
+ * so no field is ever moved. Sums are float32, as BLAS's are; the order of the additions differs.
+ *
+ * Built at first use by kernels.py with the machine's compiler (-O3 -march=native -fopenmp); compiled
+ * vector types, no intrinsics: AVX-512, AVX2 or NEON alike. Knows nothing of MLX. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define NB 4 /* rows of W made float32 at a time */
+#define MT 4 /* rows of x multiplied at a time */
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
+typedef uint8_t vb __attribute__((vector_size(LANES)));
+
+enum { F32 = 0, BF16 = 1, F16 = 2, QUANTIZED = 3 };
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+static inline float sum(vf v) { /* halves added pairwise: 4 independent steps, not 15 dependent adds */
+    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline float scalar(const void *p, int dtype, size_t i) {
+    if (dtype == F32) return ((const float *)p)[i];
+    if (dtype == BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return (float)((const _Float16 *)p)[i];
+}
+
+/* y[m][j] = x[m] . w[j] for m < rows (at most MT), j < NB; K a multiple of LANES. */
+static inline __attribute__((always_inline)) void tile(int rows, int K, const float *x, const float *w[NB],
+                                                       float *y, int ldy) {
+    vf acc[MT][NB] = {{{0}}};
+    for (int k = 0; k < K; k += LANES) {
+        vf wv[NB];
+        for (int j = 0; j < NB; j++) wv[j] = load(w[j] + k);
+        for (int m = 0; m < MT; m++) {
+            if (m < rows) {
+                vf xv = load(x + (size_t)m * K + k);
+                for (int j = 0; j < NB; j++) acc[m][j] += xv * wv[j];
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < NB; j++) y[(size_t)m * ldy + j] = sum(acc[m][j]);
+}
+
+#define TILE(R)                                                                                   \
+    static void tile##R(int K, const float *x, const float *w[NB], float *y, int ldy) {           \
+        tile(R, K, x, w, y, ldy);                                                                 \
+    }
+TILE(1)
+TILE(2)
+TILE(3)
+TILE(4)
+static void (*const tiles[MT + 1])(int, const float *, const float *[NB], float *, int) = {
+    0, tile1, tile2, tile3, tile4};
+
+/* Row n of a 16-bit W as float32 into out (K values). */
+static void widen(const void *w, int dtype, size_t n, int K, float *out) {
+    if (dtype == BF16) {
+        const uint16_t *row = (const uint16_t *)w + n * K;
+        for (int k = 0; k < K; k += LANES) {
+            vh h;
+            memcpy(&h, row + k, sizeof h);
+            vu u = __builtin_convertvector(h, vu) << 16;
+            memcpy(out + k, &u, sizeof u);
+        }
+    } else {
+        const _Float16 *row = (const _Float16 *)w + n * K;
+        for (int k = 0; k < K; k++) out[k] = (float)row[k];
+    }
+}
+
+/* Row n of a quantized W as float32 into out, each chunk of 16 bytes as its f planes one after another. */
+static inline __attribute__((always_inline)) void dequantize_bits(const uint8_t *w, const void *scales,
+                                                                  const void *biases, int sdtype, size_t n,
+                                                                  int K, int group, int bits, float *out) {
+    const int fields = 8 / bits, span = LANES * fields, groups = K / group, chunks = group / span;
+    const uint32_t mask = (1u << bits) - 1;
+    const uint8_t *bytes = w + n * (size_t)(K / fields);
+    for (int g = 0; g < groups; g++) {
+        const float s = scalar(scales, sdtype, n * groups + g), b = scalar(biases, sdtype, n * groups + g);
+        for (int c = g * chunks; c < (g + 1) * chunks; c++) {
+            vb packed;
+            memcpy(&packed, bytes + (size_t)c * LANES, sizeof packed);
+            vu u = __builtin_convertvector(packed, vu);
+            for (int p = 0; p < fields; p++) {
+                vf q = __builtin_convertvector((u >> (unsigned)(bits * p)) & mask, vf);
+                store(out + c * span + p * LANES, q * s + b);
+            }
+        }
+    }
+}
+
+static void dequantize(const uint8_t *w, const void *scales, const void *biases, int sdtype, size_t n, int K,
+                       int group, int bits, float *out) {
+    if (bits == 8) dequantize_bits(w, scales, biases, sdtype, n, K, group, 8, out);
+    else if (bits == 4) dequantize_bits(w, scales, biases, sdtype, n, K, group, 4, out);
+    else dequantize_bits(w, scales, biases, sdtype, n, K, group, 2, out);
+}
+
+/* Whether product() takes these operands: the caller falls back to MLX's own product otherwise. */
+int supported(int rows, int K, int kind, int group, int bits) {
+    if (rows < 1 || K < LANES || K % LANES) return 0;
+    if (kind != QUANTIZED) return kind == F32 || kind == BF16 || kind == F16;
+    if (bits != 2 && bits != 4 && bits != 8) return 0;
+    int span = LANES * (8 / bits);
+    return group > 0 && K % group == 0 && group % span == 0;
+}
+
+/* y (rows x N) = x (rows x K) @ W.T, W (N x K) of `kind`; scales and biases (N x K / group) of `sdtype` for a
+ * quantized W. Returns 0, or -1 where memory ran out (y then unwritten). */
+int product(int rows, int N, int K, const float *x, int kind, const void *w, const void *scales,
+            const void *biases, int sdtype, int group, int bits, float *y, int threads) {
+    const float *xs = x;
+    float *permuted = NULL;
+    if (kind == QUANTIZED && bits != 8) {
+        const int fields = 8 / bits, span = LANES * fields;
+        permuted = malloc((size_t)rows * K * sizeof(float));
+        if (!permuted) return -1;
+        for (int m = 0; m < rows; m++)
+            for (int c = 0; c < K / span; c++)
+                for (int p = 0; p < fields; p++)
+                    for (int i = 0; i < LANES; i++)
+                        permuted[(size_t)m * K + c * span + p * LANES + i] =
+                            x[(size_t)m * K + c * span + p + fields * i];
+        xs = permuted;
+    }
+    const int blocks = (N + NB - 1) / NB;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *rowsbuf = kind == F32 ? NULL : malloc((size_t)NB * K * sizeof(float));
+        float *out = malloc((size_t)rows * NB * sizeof(float));
+        if ((kind != F32 && !rowsbuf) || !out) failed = 1;
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            if (failed) continue;
+            const int n0 = b * NB, count = N - n0 < NB ? N - n0 : NB;
+            const float *wr[NB];
+            for (int j = 0; j < NB; j++) {
+                const size_t n = (size_t)n0 + (j < count ? j : count - 1); /* a short last block repeats a row */
+                if (kind == F32) {
+                    wr[j] = (const float *)w + n * K;
+                } else {
+                    float *dst = rowsbuf + (size_t)j * K;
+                    if (j < count) {
+                        if (kind == QUANTIZED) dequantize(w, scales, biases, sdtype, n, K, group, bits, dst);
+                        else widen(w, kind, n, K, dst);
+                    }
+                    wr[j] = j < count ? dst : wr[j - 1];
+                }
+            }
+            for (int m0 = 0; m0 < rows; m0 += MT) {
+                const int r = rows - m0 < MT ? rows - m0 : MT;
+                tiles[r](K, xs + (size_t)m0 * K, wr, out, NB);
+                for (int m = 0; m < r; m++)
+                    memcpy(y + (size_t)(m0 + m) * N + n0, out + (size_t)m * NB, count * sizeof(float));
+            }
+        }
+        free(rowsbuf);
+        free(out);
+    }
+    free(permuted);
+    return failed ? -1 : 0;
+}

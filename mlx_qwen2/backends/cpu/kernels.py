@@ -1,0 +1,165 @@
+"""Few-row products (`kernels.c`) for MLX's CPU backend, built with the machine's C compiler at first use.
+
+A batch decoding multiplies a few rows by every matrix of the model: OpenBLAS packs the whole matrix
+for such a product, MLX's quantized kernel runs on one thread, and its 16-bit products do not use BLAS.
+`kernels.c` streams each matrix once, on every core, for 1..MAX_ROWS rows of float32, bfloat16,
+float16 and 2-, 4- and 8-bit weights. Its result is computed eagerly: the inputs are evaluated, the
+product runs on the host's memory (MLX's CPU arrays, read in place through the buffer protocol), and
+the result comes back as a new array. So it may only run where nothing is differentiated or compiled:
+`layers` calls it inside generation's passes only (`layers.inference`).
+
+Built once per machine and source into the cache (`$XDG_CACHE_HOME/mlx_qwen2/kernels`, else ~/.cache),
+written atomically. Without a compiler, or with MLX_QWEN2_KERNELS=off, `available()` is false and
+the layers keep MLX's and OpenBLAS's products. Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 16
+KINDS = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}  # the weight's kind; 3: quantized
+QUANTIZED = 3
+OFF = ("off", "0", "none")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlx_qwen2" / "kernels"
+
+
+def _machine() -> str:
+    """What the build depends on besides the source: the CPU (the build is -march=native), the compiler."""
+    try:
+        cpu = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        cpu = ""
+    return f"{platform.machine()} {platform.processor()} {cpu} {' '.join(FLAGS)} {shutil.which('cc')}"
+
+
+def _build() -> Path | None:
+    """The compiled library for this machine and source, built if missing; None without a compiler."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + _machine().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
+    if target.is_file():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            failure = done.stderr.strip()[:500] if done.returncode != 0 else None
+        except OSError as e:
+            failure = str(e)
+        if failure is not None:  # the layers keep MLX's and OpenBLAS's products
+            print(f"mlx_qwen2: few-row kernels not built ({compiler}): {failure}", file=sys.stderr)
+            return None
+        os.replace(built, target)  # atomic: another process building the same file at once is harmless
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if sys.platform != "linux" or os.environ.get("MLX_QWEN2_KERNELS", "").lower() in OFF:
+        return None
+    try:
+        path = _build()
+        library = ctypes.CDLL(str(path)) if path is not None else None
+    except OSError:
+        return None
+    if library is not None:
+        ptr, i = ctypes.c_void_p, ctypes.c_int
+        library.product.argtypes = [i, i, i, ptr, i, ptr, ptr, ptr, i, i, i, ptr, i]
+        library.supported.argtypes = [i, i, i, i, i]
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them now if needed)."""
+    return _library() is not None
+
+
+@functools.cache
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _host(a: mx.array) -> np.ndarray:
+    """An evaluated MLX array's memory as numpy (no copy); 16-bit floats as their bits."""
+    if a.dtype in (mx.bfloat16, mx.float16):
+        a = mx.view(a, mx.uint16)
+    mx.eval(a)
+    return np.ascontiguousarray(a)  # no copy unless a is strided
+
+
+def supported(rows: int, w: mx.array, scales: mx.array | None = None, group_size: int = 0, bits: int = 0) -> bool:
+    """Whether `product` takes a product of `rows` rows by this matrix (False without the kernels)."""
+    library = _library()
+    if library is None or rows > MAX_ROWS or w.ndim != 2:
+        return False
+    if scales is None:
+        return w.dtype in KINDS and bool(library.supported(rows, w.shape[1], KINDS[w.dtype], 0, 0))
+    if w.dtype != mx.uint32 or scales.dtype not in KINDS:
+        return False
+    return bool(library.supported(rows, w.shape[1] * 32 // bits, QUANTIZED, group_size, bits))
+
+
+def product(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array | None = None,
+    biases: mx.array | None = None,
+    group_size: int = 0,
+    bits: int = 0,
+) -> mx.array:
+    """x @ W.T, (..., in) x (out, in) -> (..., out) float32, computed now; W float or packed (MLX's affine
+    quantization, `scales` and `biases` given). Only for what `supported` takes."""
+    library = _library()
+    assert library is not None
+    quantized = scales is not None
+    k = w.shape[1] * 32 // bits if quantized else w.shape[1]
+    rows, n = x.size // k, w.shape[0]
+    flat = mx.contiguous(x.reshape(rows, k).astype(mx.float32))
+    mx.eval(flat)
+    xs, ws = _host(flat), _host(w)
+    ss = _host(scales) if quantized else None
+    bs = _host(biases) if quantized else None
+    y = np.empty((rows, n), np.float32)
+    kind = QUANTIZED if quantized else KINDS[w.dtype]
+    scale_kind = KINDS[scales.dtype] if quantized else 0
+    status = library.product(
+        rows,
+        n,
+        k,
+        xs.ctypes.data,
+        kind,
+        ws.ctypes.data,
+        ss.ctypes.data if ss is not None else None,
+        bs.ctypes.data if bs is not None else None,
+        scale_kind,
+        group_size,
+        bits,
+        y.ctypes.data,
+        _threads(),
+    )
+    if status != 0:
+        raise MemoryError("few-row product: out of memory for its row buffers")
+    return mx.array(y).reshape(*x.shape[:-1], n)

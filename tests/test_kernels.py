@@ -1,0 +1,189 @@
+"""The compiled few-row products (backends/cpu/kernels.c) against the exact product, and where they run."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_qwen2.backends.cpu import kernels
+from mlx_qwen2.backends.cpu import layers as fast
+from mlx_qwen2.backends.cpu.fast import use_fast_layers
+
+needs_kernels = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+
+
+@needs_kernels
+def test_kernels_build_where_there_is_a_compiler():
+    assert kernels.available()
+
+
+def _exact(x: mx.array, w: np.ndarray) -> np.ndarray:
+    return np.array(x, dtype=np.float64).reshape(-1, x.shape[-1]) @ w.T
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_float_products_equal_the_exact_product(rows, dtype):
+    mx.random.seed(rows)
+    w = mx.random.normal((37, 96)).astype(dtype)  # 37 rows: a short last block of 4
+    x = mx.random.normal((rows, 96))
+    assert kernels.supported(rows, w)
+    got = np.array(kernels.product(x, w))
+    np.testing.assert_allclose(got, _exact(x, np.array(w.astype(mx.float32), dtype=np.float64)), atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 4, 7, 16])
+@pytest.mark.parametrize("bits, group_size", [(2, 64), (2, 128), (4, 32), (4, 64), (8, 32), (8, 128)])
+@pytest.mark.parametrize("scale_dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_quantized_products_equal_the_exact_product(rows, bits, group_size, scale_dtype):
+    """Against the float64 product of the dequantized matrix (MLX's own dequantize of the same fields)."""
+    mx.random.seed(bits * rows)
+    w, scales, biases = mx.quantize(mx.random.normal((21, 256)), group_size=group_size, bits=bits)
+    scales, biases = scales.astype(scale_dtype), biases.astype(scale_dtype)
+    dense = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
+    x = mx.random.normal((1, rows, 256))
+    assert kernels.supported(rows, w, scales, group_size, bits)
+    got = kernels.product(x, w, scales, biases, group_size, bits)
+    assert got.shape == (1, rows, 21)
+    np.testing.assert_allclose(np.array(got[0]), _exact(x, np.array(dense, dtype=np.float64)), atol=2e-4)
+
+
+@needs_kernels
+def test_what_the_kernels_do_not_take():
+    w = mx.zeros((8, 96))
+    assert not kernels.supported(kernels.MAX_ROWS + 1, w)  # prefill: BLAS
+    assert not kernels.supported(1, mx.zeros((8, 40)))  # not a multiple of 16 inputs
+    assert not kernels.supported(1, w.astype(mx.int32))
+    q, s, b = mx.quantize(mx.zeros((8, 192)), group_size=64, bits=3)
+    assert not kernels.supported(1, q, s, 64, 3)  # fields that cross bytes
+    q, s, b = mx.quantize(mx.zeros((8, 256)), group_size=32, bits=2)
+    assert not kernels.supported(1, q, s, 32, 2)  # a group shorter than 16 bytes
+
+
+def test_no_compiler_leaves_the_kernels_off(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for compiler in (str(tmp_path / "no-such-compiler"), "false"):  # missing, and failing
+        monkeypatch.setenv("CC", compiler)
+        assert kernels._build() is None
+        assert "not built" in capsys.readouterr().err
+    assert not list((tmp_path / "mlx_qwen2" / "kernels").glob("*.so"))  # nothing half-written left
+
+
+def test_opting_out(monkeypatch):
+    monkeypatch.setenv("MLX_QWEN2_KERNELS", "off")
+    assert kernels._library.__wrapped__() is None
+
+
+def _layers(kind: str) -> tuple[nn.Module, nn.Module]:
+    """(MLX's layer, our swapped copy) of one kind sharing parameters."""
+    mx.random.seed(0)
+    layer = nn.Linear(128, 40, bias=True)
+    if kind == "bfloat16":
+        layer.set_dtype(mx.bfloat16)
+    elif kind != "float32":
+        layer = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=int(kind[0]))
+    swapped = nn.Module()
+    swapped.layer = layer
+    assert use_fast_layers(swapped, mx.Device(mx.cpu)) == 1
+    return layer, swapped.layer
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit"])
+def test_layers_use_the_kernels_only_inside_inference(kind, monkeypatch):
+    """Outside `inference` (training, scoring: anything MLX may differentiate) the layers keep MLX's graph;
+    inside, few-row products are the kernels', equal to within float32 rounding."""
+    calls = []
+    real = kernels.product
+    monkeypatch.setattr(kernels, "product", lambda *a: calls.append(a) or real(*a))
+    theirs, ours = _layers(kind)
+    x = mx.random.normal((3, 1, 128))
+    x = x.astype(mx.bfloat16) if kind == "bfloat16" else x
+    outside = ours(x)
+    assert not calls
+    with fast.inference():
+        inside = ours(x)
+    assert len(calls) == 1
+    assert inside.dtype == outside.dtype
+    tol = 1e-2 if kind == "bfloat16" else 1e-4
+    np.testing.assert_allclose(np.array(inside.astype(mx.float32)), np.array(outside.astype(mx.float32)), atol=tol)
+    big = mx.random.normal((1, kernels.MAX_ROWS + 1, 128)).astype(x.dtype)
+    with fast.inference():
+        ours(big)  # prefill: MLX's and OpenBLAS's products
+    assert len(calls) == 1
+
+
+@needs_kernels
+def test_gradients_are_untouched_by_generation_passes(monkeypatch):
+    """A gradient taken while some thread generates would be wrong if the kernels ran in it: `inference`
+    is per thread, and never on in `mx.grad`'s passes."""
+    _, ours = _layers("float32")
+    x = mx.random.normal((2, 128))
+
+    def loss(w):
+        return (x @ w.T).sum()
+
+    def through_layer(w):
+        ours.weight = w
+        return ours(x).sum()
+
+    expected = mx.grad(loss)(ours.weight)
+    entered, done = threading.Event(), threading.Event()
+
+    def generating() -> None:
+        with fast.inference():
+            entered.set()
+            done.wait(30)
+
+    other = threading.Thread(target=generating)
+    other.start()
+    try:
+        assert entered.wait(30)
+        got = mx.grad(through_layer)(ours.weight)
+    finally:
+        done.set()
+        other.join()
+    np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-5)
+    with fast.inference():  # what the guard is for: inside, the product is outside MLX's graph
+        assert not np.allclose(np.array(mx.grad(through_layer)(ours.weight)), np.array(expected), atol=1e-5)
+
+
+@needs_kernels
+def test_generation_with_kernels_gives_the_tokens_without(tiny, monkeypatch):
+    """Greedy tokens of the tiny models through generation (kernels on), float32 and 4-bit, batched and alone,
+    equal the tokens with the kernels off (MLX's and OpenBLAS's products)."""
+    from mlx_qwen2 import load
+    from mlx_qwen2.generation import batch_generate, stream_generate
+    from mlx_qwen2.quant.affine import quantize_model
+
+    calls = []
+    real = kernels.product
+    monkeypatch.setattr(kernels, "product", lambda *a: calls.append(1) or real(*a))
+    prompts = [[5, 9, 3, 7], [11, 2], [4, 4, 8, 1, 6, 2, 9]]
+    for bits in (None, 4):
+        model, tok = load(tiny)
+        if bits:
+            quantize_model(model, group_size=32, bits=bits)
+            use_fast_layers(model, mx.Device(mx.cpu))
+        runs = []
+        for on in (True, False):
+            if not on:
+                monkeypatch.setattr(kernels, "_library", lambda: None)
+            calls.clear()
+            alone = [[r.token for r in stream_generate(model, tok, p, max_tokens=8, temp=0.0) if r.token is not None] for p in prompts]
+            batched = [r.tokens for r in batch_generate(model, tok, prompts, max_tokens=8, temp=0.0)]
+            assert bool(calls) == on
+            runs.append((alone, batched))
+        monkeypatch.setattr(kernels, "_library", real_library)
+        assert runs[0] == runs[1]
+        assert runs[0][0] == runs[0][1]
+
+
+real_library = kernels._library
