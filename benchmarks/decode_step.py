@@ -24,7 +24,6 @@ import sys
 from benchmarks.common import ROOT, median_seconds
 from benchmarks.generation import model_folders
 
-
 MODES = ("kernels", "split", "plain")
 
 
@@ -68,7 +67,9 @@ def main() -> None:
     if args.worker:
         return worker(args.worker[0], int(args.worker[1]), args.keys, args.worker[2])
     folders = model_folders(args.models)
-    print("| model / batch | ms a step | tokens/s | x batch 1 | ms, no kernels (split) | ms, neither | kernels / split |")
+    print(
+        "| model / batch | ms a step | tokens/s | x batch 1 | ms, no kernels (split) | ms, neither | kernels / split |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, folder in folders.items():
         first = None

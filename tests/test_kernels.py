@@ -177,7 +177,10 @@ def test_generation_with_kernels_gives_the_tokens_without(tiny, monkeypatch):
             if not on:
                 monkeypatch.setattr(kernels, "_library", lambda: None)
             calls.clear()
-            alone = [[r.token for r in stream_generate(model, tok, p, max_tokens=8, temp=0.0) if r.token is not None] for p in prompts]
+            alone = [
+                [r.token for r in stream_generate(model, tok, p, max_tokens=8, temp=0.0) if r.token is not None]
+                for p in prompts
+            ]
             batched = [r.tokens for r in batch_generate(model, tok, prompts, max_tokens=8, temp=0.0)]
             assert bool(calls) == on
             runs.append((alone, batched))
