@@ -72,6 +72,13 @@ def test_the_wheel_ships_the_calibration_sample(fresh_venv):
     assert out.returncode == 0 and int(out.stdout) > 50_000, out.stderr
 
 
+def test_the_wheel_ships_and_builds_the_kernels(fresh_venv, tmp_path):
+    code = "from mlx_qwen2.backends.cpu import kernels; print(kernels.SOURCE.is_file(), kernels.available())"
+    out = run(fresh_venv, str(fresh_venv / "bin" / "python"), "-c", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(shutil.which("cc") is not None)]
+
+
 @pytest.mark.parametrize("module", modules())
 def test_python_m_help(fresh_venv, module):
     out = run(fresh_venv, str(fresh_venv / "bin" / "python"), "-m", f"mlx_qwen2.{module}", "--help")
