@@ -242,14 +242,16 @@ def test_pace_gives_openblas_one_thread_for_passes_of_2_to_8_tokens(monkeypatch)
     assert not fast.splitting()
 
 
-def test_real_openblas_threads_follow_the_passes(tiny_untied):
-    """With the OpenBLAS that `preload` loaded: one thread during a batch of 4 decoding, its own after."""
+def test_real_openblas_threads_follow_the_passes(tiny_untied, monkeypatch):
+    """With the OpenBLAS that `preload` loaded and no compiled kernels (a machine without a compiler): one
+    thread during a batch of 4 decoding, its own after."""
     from mlx_qwen2 import load
     from mlx_qwen2.generation import batch_generate
 
     own = fast.blas.own_threads
     if own < 2 or len(fast._streams()) < 2:
         pytest.skip(f"OpenBLAS threads {own}, {len(fast._streams())} CPU streams: passes are never split here")
+    monkeypatch.setattr(fast.kernels, "_library", lambda: None)
     model, tok = load(tiny_untied)
     seen = []
     real = fast.rows_product

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,6 +67,28 @@ def test_what_the_kernels_do_not_take():
     assert not kernels.supported(1, q, s, 64, 3)  # fields that cross bytes
     q, s, b = mx.quantize(mx.zeros((8, 256)), group_size=32, bits=2)
     assert not kernels.supported(1, q, s, 32, 2)  # a group shorter than 16 bytes
+
+
+@needs_kernels
+def test_a_forked_child_still_multiplies():
+    """libgomp's threads do not survive fork: a child runs the kernels on one thread, and does not hang.
+    (On host arrays: MLX's own threads do not survive fork either.)"""
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((40, 64), np.float32), rng.standard_normal((3, 64), np.float32)
+    expected = kernels.multiply(x, w, kernels.KINDS[mx.float32])  # the parent's OpenMP team exists now
+    np.testing.assert_allclose(expected, x.astype(np.float64) @ w.T, atol=1e-4)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the product is right
+        ok = kernels._threads() == 1 and np.allclose(kernels.multiply(x, w, 0), expected, atol=1e-5)
+        os._exit(0 if ok else 1)
+    for _ in range(300):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError("the forked child hung in the kernels")
 
 
 def test_no_compiler_leaves_the_kernels_off(tmp_path, monkeypatch, capsys):

@@ -10,8 +10,11 @@
  * fields come out of each 16 bytes (plane p of a chunk holds fields p, p + f, p + 2f, ..., f = 8 / bits),
  * so no field is ever moved. Sums are float32, as BLAS's are; the order of the additions differs.
  *
- * Built at first use by kernels.py with the machine's compiler (-O3 -march=native -fopenmp); compiled
- * vector types, no intrinsics: AVX-512, AVX2 or NEON alike. Knows nothing of MLX. */
+ * Each thread takes a contiguous share of W's rows; one thread runs without OpenMP (so a forked child, where
+ * libgomp's threads are gone, still works). Built at first use by kernels.py with the machine's compiler
+ * (-O3 -march=native -fopenmp); compiled vector types, no intrinsics: AVX-512, AVX2 or NEON alike. Knows
+ * nothing of MLX. */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -133,6 +136,53 @@ int supported(int rows, int K, int kind, int group, int bits) {
     return group > 0 && K % group == 0 && group % span == 0;
 }
 
+struct job {
+    int rows, N, K;
+    const float *x;
+    int kind;
+    const void *w, *scales, *biases;
+    int sdtype, group, bits;
+    float *y;
+};
+
+/* Blocks [first, last) of NB rows of W: each made float32 (unless it is) and multiplied by every row of x. */
+static int run_blocks(const struct job *j, int first, int last) {
+    const int K = j->K, N = j->N, rows = j->rows, kind = j->kind;
+    float *rowsbuf = kind == F32 ? NULL : malloc((size_t)NB * K * sizeof(float));
+    float *out = malloc((size_t)MT * NB * sizeof(float));
+    if ((kind != F32 && !rowsbuf) || !out) {
+        free(rowsbuf);
+        free(out);
+        return 1;
+    }
+    for (int b = first; b < last; b++) {
+        const int n0 = b * NB, count = N - n0 < NB ? N - n0 : NB;
+        const float *wr[NB];
+        for (int r = 0; r < NB; r++) {
+            const size_t n = (size_t)n0 + (r < count ? r : count - 1); /* a short last block repeats a row */
+            if (kind == F32) {
+                wr[r] = (const float *)j->w + n * K;
+            } else if (r < count) {
+                float *dst = rowsbuf + (size_t)r * K;
+                if (kind == QUANTIZED) dequantize(j->w, j->scales, j->biases, j->sdtype, n, K, j->group, j->bits, dst);
+                else widen(j->w, kind, n, K, dst);
+                wr[r] = dst;
+            } else {
+                wr[r] = wr[r - 1];
+            }
+        }
+        for (int m0 = 0; m0 < rows; m0 += MT) {
+            const int r = rows - m0 < MT ? rows - m0 : MT;
+            tiles[r](K, j->x + (size_t)m0 * K, wr, out, NB);
+            for (int m = 0; m < r; m++)
+                memcpy(j->y + (size_t)(m0 + m) * N + n0, out + (size_t)m * NB, count * sizeof(float));
+        }
+    }
+    free(rowsbuf);
+    free(out);
+    return 0;
+}
+
 /* y (rows x N) = x (rows x K) @ W.T, W (N x K) of `kind`; scales and biases (N x K / group) of `sdtype` for a
  * quantized W. Returns 0, or -1 where memory ran out (y then unwritten). */
 int product(int rows, int N, int K, const float *x, int kind, const void *w, const void *scales,
@@ -151,40 +201,18 @@ int product(int rows, int N, int K, const float *x, int kind, const void *w, con
                             x[(size_t)m * K + c * span + p + fields * i];
         xs = permuted;
     }
+    struct job job = {rows, N, K, xs, kind, w, scales, biases, sdtype, group, bits, y};
     const int blocks = (N + NB - 1) / NB;
     int failed = 0;
+    if (threads <= 1) { /* no OpenMP team: also what a forked child uses (libgomp's threads are not forked) */
+        failed = run_blocks(&job, 0, blocks);
+    } else {
 #pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *rowsbuf = kind == F32 ? NULL : malloc((size_t)NB * K * sizeof(float));
-        float *out = malloc((size_t)rows * NB * sizeof(float));
-        if ((kind != F32 && !rowsbuf) || !out) failed = 1;
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; b++) {
-            if (failed) continue;
-            const int n0 = b * NB, count = N - n0 < NB ? N - n0 : NB;
-            const float *wr[NB];
-            for (int j = 0; j < NB; j++) {
-                const size_t n = (size_t)n0 + (j < count ? j : count - 1); /* a short last block repeats a row */
-                if (kind == F32) {
-                    wr[j] = (const float *)w + n * K;
-                } else {
-                    float *dst = rowsbuf + (size_t)j * K;
-                    if (j < count) {
-                        if (kind == QUANTIZED) dequantize(w, scales, biases, sdtype, n, K, group, bits, dst);
-                        else widen(w, kind, n, K, dst);
-                    }
-                    wr[j] = j < count ? dst : wr[j - 1];
-                }
-            }
-            for (int m0 = 0; m0 < rows; m0 += MT) {
-                const int r = rows - m0 < MT ? rows - m0 : MT;
-                tiles[r](K, xs + (size_t)m0 * K, wr, out, NB);
-                for (int m = 0; m < r; m++)
-                    memcpy(y + (size_t)(m0 + m) * N + n0, out + (size_t)m * NB, count * sizeof(float));
-            }
+        {
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+            const int per = (blocks + n - 1) / n, first = t * per, last = first + per < blocks ? first + per : blocks;
+            failed |= first < last ? run_blocks(&job, first, last) : 0; /* a contiguous share of W each */
         }
-        free(rowsbuf);
-        free(out);
     }
     free(permuted);
     return failed ? -1 : 0;

@@ -97,9 +97,24 @@ def available() -> bool:
     return _library() is not None
 
 
+_forked = False  # a child of fork(): libgomp's threads did not come along, so one thread, no OpenMP team
+
+
+def _after_fork() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 @functools.cache
-def _threads() -> int:
+def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _threads() -> int:
+    return 1 if _forked else _cores()
 
 
 def _host(a: mx.array) -> np.ndarray:
@@ -132,8 +147,6 @@ def product(
 ) -> mx.array:
     """x @ W.T, (..., in) x (out, in) -> (..., out) float32, computed now; W float or packed (MLX's affine
     quantization, `scales` and `biases` given). Only for what `supported` takes."""
-    library = _library()
-    assert library is not None
     quantized = scales is not None
     k = w.shape[1] * 32 // bits if quantized else w.shape[1]
     rows, n = x.size // k, w.shape[0]
@@ -142,18 +155,36 @@ def product(
     xs, ws = _host(flat), _host(w)
     ss = _host(scales) if quantized else None
     bs = _host(biases) if quantized else None
-    y = np.empty((rows, n), np.float32)
     kind = QUANTIZED if quantized else KINDS[w.dtype]
-    scale_kind = KINDS[scales.dtype] if quantized else 0
+    y = multiply(xs, ws, kind, ss, bs, KINDS[scales.dtype] if quantized else 0, group_size, bits)
+    return mx.array(y).reshape(*x.shape[:-1], n)
+
+
+def multiply(
+    x: np.ndarray,
+    w: np.ndarray,
+    kind: int,
+    scales: np.ndarray | None = None,
+    biases: np.ndarray | None = None,
+    scale_kind: int = 0,
+    group_size: int = 0,
+    bits: int = 0,
+) -> np.ndarray:
+    """`product` on host arrays: x (rows, in) float32, w (out, in) of `kind` (16-bit as their bits) or packed
+    (out, in * bits / 32) uint32 with its scales and biases of `scale_kind`; all C-contiguous."""
+    library = _library()
+    assert library is not None
+    rows, n = x.shape[0], w.shape[0]
+    y = np.empty((rows, n), np.float32)
     status = library.product(
         rows,
         n,
-        k,
-        xs.ctypes.data,
+        x.shape[1],
+        x.ctypes.data,
         kind,
-        ws.ctypes.data,
-        ss.ctypes.data if ss is not None else None,
-        bs.ctypes.data if bs is not None else None,
+        w.ctypes.data,
+        scales.ctypes.data if scales is not None else None,
+        biases.ctypes.data if biases is not None else None,
         scale_kind,
         group_size,
         bits,
@@ -162,4 +193,4 @@ def product(
     )
     if status != 0:
         raise MemoryError("few-row product: out of memory for its row buffers")
-    return mx.array(y).reshape(*x.shape[:-1], n)
+    return y
