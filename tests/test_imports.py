@@ -33,6 +33,7 @@ LAYERS = {
         "backends",
         "backends.cpu",
         "backends.cpu.blas",
+        "backends.cpu.kernels",
         "backends.cpu.layers",
         "backends.cpu.elementwise",
         "backends.cpu.experts",
