@@ -292,7 +292,11 @@ def test_echo_with_logprobs_scores_the_prompt(client, local, tiny_untied):
         model=str(tiny_untied), prompt=text, max_tokens=5, temperature=0, logprobs=1, echo=True
     )
     assert both.choices[0].text == text + plain.choices[0].text
-    assert both.choices[0].logprobs.token_logprobs[len(ids) :] == plain.choices[0].logprobs.token_logprobs
+    # to float32 rounding: the second request's prompt comes partly from the prefix cache, so its last positions
+    # go through a pass of fewer rows (the few-row kernels, another order of additions than BLAS's)
+    np.testing.assert_allclose(
+        both.choices[0].logprobs.token_logprobs[len(ids) :], plain.choices[0].logprobs.token_logprobs, atol=1e-5
+    )
     np.testing.assert_allclose(both.choices[0].logprobs.token_logprobs[1 : len(ids)], lp.token_logprobs[1:], atol=1e-5)
     streamed = list(
         client.completions.create(
