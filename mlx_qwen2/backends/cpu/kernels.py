@@ -117,12 +117,15 @@ def _threads() -> int:
     return 1 if _forked else _cores()
 
 
-def _host(a: mx.array) -> np.ndarray:
-    """An evaluated MLX array's memory as numpy (no copy); 16-bit floats as their bits."""
-    if a.dtype in (mx.bfloat16, mx.float16):
-        a = mx.view(a, mx.uint16)
-    mx.eval(a)
-    return np.ascontiguousarray(a)  # no copy unless a is strided
+def _bits(a: mx.array) -> mx.array:
+    """16-bit floats as their bits (numpy has no bfloat16); other arrays as they are."""
+    return mx.view(a, mx.uint16) if a.dtype in (mx.bfloat16, mx.float16) else a
+
+
+def _host(*arrays: mx.array) -> list[np.ndarray]:
+    """MLX arrays' memory as numpy (no copy unless strided), all evaluated in one go."""
+    mx.eval(*arrays)
+    return [np.ascontiguousarray(a) for a in arrays]
 
 
 def supported(rows: int, w: mx.array, scales: mx.array | None = None, group_size: int = 0, bits: int = 0) -> bool:
@@ -151,10 +154,10 @@ def product(
     k = w.shape[1] * 32 // bits if quantized else w.shape[1]
     rows, n = x.size // k, w.shape[0]
     flat = mx.contiguous(x.reshape(rows, k).astype(mx.float32))
-    mx.eval(flat)
-    xs, ws = _host(flat), _host(w)
-    ss = _host(scales) if quantized else None
-    bs = _host(biases) if quantized else None
+    if quantized:
+        xs, ws, ss, bs = _host(flat, w, _bits(scales), _bits(biases))
+    else:
+        (xs, ws), ss, bs = _host(flat, _bits(w)), None, None
     kind = QUANTIZED if quantized else KINDS[w.dtype]
     y = multiply(xs, ws, kind, ss, bs, KINDS[scales.dtype] if quantized else 0, group_size, bits)
     return mx.array(y).reshape(*x.shape[:-1], n)

@@ -70,8 +70,9 @@ FEW_ROWS = range(2, PAD_ROWS)
 # of OpenBLAS's threads (here: 2 and 2; more cores than MAX_STREAMS keep OpenBLAS's threads).
 SPLIT_TOKENS = range(2, 9)
 # In generation's passes (`inference`), products of few rows go to the compiled kernels (`kernels`), which
-# read each matrix once on every core: float32 up to KERNEL_F32_ROWS rows (at 16 OpenBLAS's padded product
-# is as fast), 16-bit and 2-, 4-, 8-bit matrices up to kernels.MAX_ROWS.
+# read each matrix once on every core: float32 up to KERNEL_F32_ROWS rows (at 12 and 16 OpenBLAS's padded
+# product was faster: a float32 decode step of 16 rows 250 against 302 ms in an ad-hoc timing), 16-bit and
+# 2-, 4-, 8-bit matrices up to kernels.MAX_ROWS.
 KERNEL_F32_ROWS = 8
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
