@@ -69,11 +69,10 @@ FEW_ROWS = range(2, PAD_ROWS)
 # thread a half is slower; 9-16 rows: the padded product is as fast). Only where the streams can use all
 # of OpenBLAS's threads (here: 2 and 2; more cores than MAX_STREAMS keep OpenBLAS's threads).
 SPLIT_TOKENS = range(2, 9)
-# In generation's passes (`inference`), products of few rows go to the compiled kernels (`kernels`), which
-# read each matrix once on every core: float32 up to KERNEL_F32_ROWS rows (at 12 and 16 OpenBLAS's padded
-# product was faster: a float32 decode step of 16 rows 250 against 302 ms in an ad-hoc timing), 16-bit and
-# 2-, 4-, 8-bit matrices up to kernels.MAX_ROWS.
-KERNEL_F32_ROWS = 8
+# In generation's passes (`inference`), products of up to kernels.MAX_ROWS rows go to the compiled kernels
+# (`kernels`), which read each matrix once on every core, for every kind of weight (float32 too: at 16 rows
+# the kernel took 1.6 ms where OpenBLAS took 5.0 for a 4864 x 896 matrix, and 69 against 158 ms for the
+# output layer, in an ad-hoc timing; benchmarks/decode_step.py measures whole steps).
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
 PLANES_BLOCK = 1 << 21  # weights per block of a 2-, 4- or 8-bit product over planes (see planes_product)
@@ -161,10 +160,7 @@ def _kernel(
     x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, group_size=0, bits=0
 ) -> mx.array | None:
     """x @ W.T by the compiled kernels where they apply (inside `inference`, few rows), else None."""
-    rows = _tokens(x)
-    if not getattr(_passes, "depth", 0) or (scales is None and w.dtype == F32 and rows > KERNEL_F32_ROWS):
-        return None
-    if not kernels.supported(rows, w, scales, group_size, bits):
+    if not getattr(_passes, "depth", 0) or not kernels.supported(_tokens(x), w, scales, group_size, bits):
         return None
     return kernels.product(x, w, scales, biases, group_size, bits).astype(x.dtype)
 
