@@ -90,6 +90,15 @@ def openblas() -> str:
     return blas.in_use.removeprefix("OpenBLAS (").removesuffix(")")
 
 
+def same_blas(env: dict[str, str]) -> dict[str, str]:
+    """`env` with our OpenBLAS preloaded as ours loaded it: the same library and the same kernels (the
+    OPENBLAS_CORETYPE `blas.preload` chose, if it chose one)."""
+    env["LD_PRELOAD"] = openblas()
+    if blas.chosen_coretype is not None:
+        env["OPENBLAS_CORETYPE"] = blas.chosen_coretype
+    return env
+
+
 def run_worker(module: str, tool: str, argv: list[str], timeout: float) -> dict | None:
     """Run `python -m benchmarks.MODULE --tool ... ARGV` in a fresh process; its last stdout line as JSON, or
     None past `timeout`. "mlx-lm" runs on MLX's own BLAS, "mlx-lm + OpenBLAS" on ours through LD_PRELOAD alone
@@ -99,7 +108,7 @@ def run_worker(module: str, tool: str, argv: list[str], timeout: float) -> dict 
     cmd = [sys.executable, "-m", f"benchmarks.{module}", "--tool", worker_tool, *argv]
     env = {**os.environ, "MLX_QWEN2_BLAS": "off"} if tool.startswith("mlx-lm") else None
     if tool == "mlx-lm + OpenBLAS":
-        env["LD_PRELOAD"] = openblas()
+        same_blas(env)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True, env=env)
     except subprocess.TimeoutExpired:

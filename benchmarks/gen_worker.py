@@ -11,6 +11,7 @@ the caller's choice (LD_PRELOAD); this worker imports nothing of mlx_qwen2 for m
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -28,11 +29,19 @@ def peak_rss_gb() -> float:
 
 def blas_mapped() -> str:
     """The BLAS libraries the process has mapped, but numpy's private copy (its symbols are renamed: MLX
-    cannot call it)."""
+    cannot call it), and the kernels a mapped OpenBLAS chose (its core name)."""
     with open("/proc/self/maps") if os.path.exists("/proc/self/maps") else open(os.devnull) as f:
-        names = {Path(line.split()[-1]).name for line in f if "blas" in line.lower() and "/" in line}
-    names = {n for n in names if not n.startswith("libscipy_openblas")}
-    return ", ".join(sorted(names)) or "none found in /proc/self/maps"
+        paths = {line.split()[-1] for line in f if "blas" in line.lower() and "/" in line}
+    paths = {p for p in paths if not Path(p).name.startswith("libscipy_openblas")}
+    names = []
+    for path in sorted(paths, key=lambda p: Path(p).name):
+        name = Path(path).name
+        if "openblas" in name:
+            library = ctypes.CDLL(path)  # already mapped: this only looks its symbols up
+            library.openblas_get_corename.restype = ctypes.c_char_p
+            name += f" ({library.openblas_get_corename().decode()})"
+        names.append(name)
+    return ", ".join(names) or "none found in /proc/self/maps"
 
 
 def main() -> None:

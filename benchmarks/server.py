@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import ROOT, openblas
+from benchmarks.common import ROOT, same_blas
 from benchmarks.generation import model_folders
 
 QUESTIONS = [
@@ -79,7 +79,7 @@ def start(server: str, folder: Path, max_clients: int) -> tuple[subprocess.Popen
         ]
         env["MLX_QWEN2_BLAS"] = "off"
         if server.endswith("OpenBLAS"):
-            env["LD_PRELOAD"] = openblas()
+            same_blas(env)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qwen2.backends.cpu import elementwise
+from mlx_qwen2.backends.cpu import blas, elementwise
 from mlx_qwen2.backends.cpu import layers as fast
 from mlx_qwen2.backends.cpu.fast import use_fast_layers
 
@@ -304,3 +308,32 @@ def test_batch_decoding_with_split_products_gives_the_same_logits(tiny_tied, mon
             assert fast.splitting() == split
             monkeypatch.undo()
         np.testing.assert_allclose(logits[1], logits[0], atol=2e-5)
+
+
+def test_openblas_coretype_from_the_cpu_flags():
+    """A CPU whose model OpenBLAS does not know still gets the kernels its flags allow (see blas.coretype)."""
+    avx512 = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl\n"
+    assert blas.coretype("processor : 0\n" + avx512) == "SkylakeX"
+    assert blas.coretype("flags : fpu sse2 avx avx2 fma avx512f\n") == "Haswell"  # AVX-512 without BW/VL
+    assert blas.coretype("flags : fpu sse2 avx\n") is None
+    assert blas.coretype("") is None
+
+
+def test_openblas_loaded_with_the_flags_coretype_and_the_environment_left_alone():
+    """In a fresh process: OpenBLAS runs the kernels the flags allow, OPENBLAS_CORETYPE is not left set for
+    child processes, and a user's own OPENBLAS_CORETYPE wins."""
+    if not blas.in_use.startswith("OpenBLAS"):
+        pytest.skip("no OpenBLAS installed")
+    code = (
+        "import os, mlx_qwen2; from mlx_qwen2.backends.cpu import blas; "
+        "print(blas.core, blas.chosen_coretype, os.environ.get('OPENBLAS_CORETYPE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    expected = blas.coretype(open("/proc/cpuinfo").read()) if os.uname().machine == "x86_64" else None
+    if expected is not None:
+        assert out.split() == [expected, expected, "None"]
+    own = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "OPENBLAS_CORETYPE": "Prescott"}, capture_output=True, text=True
+    ).stdout
+    assert own.split() == ["Prescott", "None", "Prescott"]
