@@ -125,10 +125,12 @@ def read_bandwidth_gbs() -> float:
     parts = np.array_split(a, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     with ThreadPoolExecutor(len(parts)) as pool:
         list(pool.map(np.max, parts))
-        tic = time.perf_counter()
-        for _ in range(3):
+        best = float("inf")
+        for _ in range(5):  # the best of 5: a capacity, and this machine's neighbours take some of it at times
+            tic = time.perf_counter()
             list(pool.map(np.max, parts))
-        return 3 * a.nbytes / (time.perf_counter() - tic) / 1e9
+            best = min(best, time.perf_counter() - tic)
+        return a.nbytes / best / 1e9
 
 
 def bytes_per_token(folder: Path) -> int:

@@ -76,8 +76,8 @@ FEW_ROWS = range(2, PAD_ROWS)
 SPLIT_TOKENS = range(2, 9)
 # In generation's passes (`inference`), products of up to kernels.MAX_ROWS rows go to the compiled kernels
 # (`kernels`), which read each matrix once on every core, for every kind of weight (float32 too: at 16 rows
-# the kernel took 1.6 ms where OpenBLAS took 5.0 for a 4864 x 896 matrix, and 69 against 158 ms for the
-# output layer, in an ad-hoc timing; benchmarks/decode_step.py measures whole steps).
+# the kernel took 1.6 ms where OpenBLAS's AVX-512 product took 2.5 for a 4864 x 896 matrix in an ad-hoc
+# timing; a whole float32 decode step of 16 sequences was a tie, 307 against 294-298 ms, benchmarks/decode_step.py).
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
 PLANE_BITS = (2, 4, 8)  # widths whose fields never cross a byte (dequantize_f32, planes_product)
 PLANES_BLOCK = 1 << 21  # weights per block of a 2-, 4- or 8-bit product over planes (see planes_product)
