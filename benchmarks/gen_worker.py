@@ -36,8 +36,8 @@ def blas_mapped() -> str:
     names = []
     for path in sorted(paths, key=lambda p: Path(p).name):
         name = Path(path).name
-        if "openblas" in name:
-            library = ctypes.CDLL(path)  # already mapped: this only looks its symbols up
+        library = ctypes.CDLL(path) if "openblas" in name else None  # already mapped: only a symbol lookup
+        if library is not None and hasattr(library, "openblas_get_corename"):  # as blas.preload reads it
             library.openblas_get_corename.restype = ctypes.c_char_p
             name += f" ({library.openblas_get_corename().decode()})"
         names.append(name)
