@@ -61,12 +61,12 @@ def test_quantized_products_equal_the_exact_product(rows, bits, group_size, scal
 def test_what_the_kernels_do_not_take():
     w = mx.zeros((8, 96))
     assert not kernels.supported(kernels.MAX_ROWS + 1, w)  # prefill: BLAS
-    assert not kernels.supported(1, mx.zeros((8, 40)))  # not a multiple of 16 inputs
+    assert not kernels.supported(1, mx.zeros((8, 36)))  # not a multiple of the lanes (8 or 16) inputs
     assert not kernels.supported(1, w.astype(mx.int32))
     q, s, b = mx.quantize(mx.zeros((8, 192)), group_size=64, bits=3)
     assert not kernels.supported(1, q, s, 64, 3)  # fields that cross bytes
     q, s, b = mx.quantize(mx.zeros((8, 256)), group_size=32, bits=2)
-    assert not kernels.supported(1, q, s, 32, 2)  # a group shorter than 16 bytes
+    assert kernels.supported(1, q, s, 32, 2) == (kernels.lanes() == 8)  # a group of 8 bytes: with 8 lanes only
 
 
 @needs_kernels

@@ -7,7 +7,7 @@
  * own contiguous share of W's rows once: NB rows at a time are made float32 (16-bit: widened; quantized:
  * q * scale + bias, in the order of the byte's fields), then multiplied by every row of x, MT rows at a
  * time, NB x MT vector accumulators in registers. For quantized W, x is first permuted into the order the
- * fields come out of each 16 bytes (plane p of a chunk holds fields p, p + f, p + 2f, ..., f = 8 / bits),
+ * fields come out of each LANES bytes (plane p of a chunk holds fields p, p + f, p + 2f, ..., f = 8 / bits),
  * so no field is ever moved. Sums are float32, as BLAS's are; the order of the additions differs.
  *
  * Each thread takes a contiguous share of W's rows; one thread runs without OpenMP (so a forked child, where
@@ -19,9 +19,26 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The register tile: NB rows of W by MT rows of x, LANES floats a vector. NB x MT accumulators plus NB
+ * vectors of W must fit in the vector registers, or the tile spills to memory every step (~10 GFLOPS):
+ * AVX-512 has 32 registers of 16 floats, AVX2 16 of 8. */
+#ifndef LANES
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
+#endif
+#ifndef NB
 #define NB 4 /* rows of W made float32 at a time */
+#endif
+#ifndef MT
+#if defined(__AVX512F__)
 #define MT 4 /* rows of x multiplied at a time */
+#else
+#define MT 3
+#endif
+#endif
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
@@ -33,14 +50,20 @@ enum { F32 = 0, BF16 = 1, F16 = 2, QUANTIZED = 3 };
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
+/* Keeps a vector in a register: without it GCC folds the loads of x into every multiply-add as a memory
+ * operand, a load per multiply-add instead of one per vector (the loop then waits on loads). */
+#if (defined(__AVX512F__) && LANES == 16) || (defined(__AVX__) && !defined(__AVX512F__) && LANES == 8)
+#define KEEP(v) __asm__("" : "+v"(v)) /* the vector is one register wide */
+#else
+#define KEEP(v) (void)0
+#endif
 
-static inline float sum(vf v) { /* halves added pairwise: 4 independent steps, not 15 dependent adds */
-    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+static inline float sum(vf v) { /* halves added pairwise: independent steps, not LANES - 1 dependent adds */
+    float lanes[LANES];
+    memcpy(lanes, &v, sizeof v);
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
+    return lanes[0];
 }
 
 static inline float scalar(const void *p, int dtype, size_t i) {
@@ -59,29 +82,37 @@ static inline __attribute__((always_inline)) void tile(int rows, int K, const fl
                                                        float *y, int ldy) {
     vf acc[MT][NB] = {{{0}}};
     for (int k = 0; k < K; k += LANES) {
-        vf wv[NB];
-        for (int j = 0; j < NB; j++) wv[j] = load(w[j] + k);
-        for (int m = 0; m < MT; m++) {
-            if (m < rows) {
-                vf xv = load(x + (size_t)m * K + k);
-                for (int j = 0; j < NB; j++) acc[m][j] += xv * wv[j];
-            }
+        vf xv[MT];
+        for (int m = 0; m < rows; m++) {
+            xv[m] = load(x + (size_t)m * K + k);
+            KEEP(xv[m]);
+        }
+        for (int j = 0; j < NB; j++) {
+            vf wv = load(w[j] + k);
+            KEEP(wv);
+            for (int m = 0; m < rows; m++) acc[m][j] += xv[m] * wv;
         }
     }
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < NB; j++) y[(size_t)m * ldy + j] = sum(acc[m][j]);
 }
 
-#define TILE(R)                                                                                   \
-    static void tile##R(int K, const float *x, const float *w[NB], float *y, int ldy) {           \
-        tile(R, K, x, w, y, ldy);                                                                 \
+/* The tile for r rows of x, r < MT: a constant in each case, so every loop over rows unrolls. */
+static void tiles(int r, int K, const float *x, const float *w[NB], float *y, int ldy) {
+    switch (r) {
+#if MT > 4
+#error "MT is at most 4"
+#endif
+    case 1: tile(1, K, x, w, y, ldy); break;
+    case 2: tile(2, K, x, w, y, ldy); break;
+#if MT >= 3
+    case 3: tile(3, K, x, w, y, ldy); break;
+#endif
+#if MT >= 4
+    case 4: tile(4, K, x, w, y, ldy); break;
+#endif
     }
-TILE(1)
-TILE(2)
-TILE(3)
-TILE(4)
-static void (*const tiles[MT + 1])(int, const float *, const float *[NB], float *, int) = {
-    0, tile1, tile2, tile3, tile4};
+}
 
 /* Row n of a 16-bit W as float32 into out (K values). */
 static void widen(const void *w, int dtype, size_t n, int K, float *out) {
@@ -99,7 +130,7 @@ static void widen(const void *w, int dtype, size_t n, int K, float *out) {
     }
 }
 
-/* Row n of a quantized W as float32 into out, each chunk of 16 bytes as its f planes one after another. */
+/* Row n of a quantized W as float32 into out, each chunk of LANES bytes as its f planes one after another. */
 static inline __attribute__((always_inline)) void dequantize_bits(const uint8_t *w, const void *scales,
                                                                   const void *biases, int sdtype, size_t n,
                                                                   int K, int group, int bits, float *out) {
@@ -126,6 +157,9 @@ static void dequantize(const uint8_t *w, const void *scales, const void *biases,
     else if (bits == 4) dequantize_bits(w, scales, biases, sdtype, n, K, group, 4, out);
     else dequantize_bits(w, scales, biases, sdtype, n, K, group, 2, out);
 }
+
+/* Floats a vector: the tile's width, which the sizes product() takes are multiples of. */
+int lanes(void) { return LANES; }
 
 /* Whether product() takes these operands: the caller falls back to MLX's own product otherwise. */
 int supported(int rows, int K, int kind, int group, int bits) {
@@ -173,7 +207,7 @@ static int run_blocks(const struct job *j, int first, int last) {
         }
         for (int m0 = 0; m0 < rows; m0 += MT) {
             const int r = rows - m0 < MT ? rows - m0 : MT;
-            tiles[r](K, j->x + (size_t)m0 * K, wr, out, NB);
+            tiles(r, K, j->x + (size_t)m0 * K, wr, out, NB);
             for (int m = 0; m < r; m++)
                 memcpy(j->y + (size_t)(m0 + m) * N + n0, out + (size_t)m * NB, count * sizeof(float));
         }

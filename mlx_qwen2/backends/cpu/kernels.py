@@ -92,6 +92,14 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def lanes() -> int:
+    """Floats a vector in the build for this machine (16 with AVX-512, else 8): inputs must be a multiple of
+    it, and a quantized group of as many bytes."""
+    library = _library()
+    assert library is not None
+    return library.lanes()
+
+
 def available() -> bool:
     """Whether the kernels are built and loaded (building them now if needed)."""
     return _library() is not None
