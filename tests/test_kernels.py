@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -214,3 +215,117 @@ def test_generation_with_kernels_gives_the_tokens_without(tiny, monkeypatch):
 
 
 real_library = kernels._library
+
+
+def _operands(kind: str, n: int, k: int, bias: bool) -> tuple[kernels.Operands, np.ndarray, np.ndarray | None]:
+    """Operands of one kind for the fused calls, with the float64 matrix and bias they stand for."""
+    mx.random.seed(n + k)
+    layer = nn.Linear(k, n, bias=bias)
+    if kind == "bfloat16":
+        layer.set_dtype(mx.bfloat16)
+    b = layer.bias if bias else None
+    if kind in ("float32", "bfloat16"):
+        return kernels.Operands(layer.weight, bias=b), np.array(layer.weight.astype(mx.float32), np.float64), _f64(b)
+    q = nn.QuantizedLinear.from_linear(layer, group_size=32, bits=int(kind[0]))
+    dense = mx.dequantize(q.weight, q.scales, q.biases, group_size=32, bits=q.bits)
+    return kernels.Operands(q.weight, q.scales, q.biases, 32, q.bits, b), np.array(dense, np.float64), _f64(b)
+
+
+def _f64(a: mx.array | None) -> np.ndarray | None:
+    return None if a is None else np.array(a.astype(mx.float32), np.float64)
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit"])
+def test_norm_products_equal_the_norm_then_each_product(rows, kind):
+    """q, k, v (or gate, up) in one call: rms_norm(x) @ W_i.T + b_i, each matrix of its own width."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 128)).astype(np.float32) * 3
+    weight = mx.array(rng.standard_normal(128).astype(np.float32)).astype(mx.bfloat16 if kind == "bfloat16" else mx.float32)
+    matrices = [_operands(kind, n, 128, bias) for n, bias in ((96, True), (32, True), (40, False))]
+    ys = kernels.norm_products(x, kernels.vector(weight), 1e-6, [m for m, _, _ in matrices])
+    normed = _rms_norm(x.astype(np.float64), _f64(weight), 1e-6)
+    for y, (_, w, b) in zip(ys, matrices):
+        expected = normed @ w.T + (b if b is not None else 0)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit"])
+def test_residual_product_equals_the_residual_plus_the_product(rows, kind):
+    """o_proj (residual + a @ W.T) and down_proj (residual + (silu(gate) * a) @ W.T) in one call each."""
+    rng = np.random.default_rng(rows)
+    a, gate = (rng.standard_normal((rows, 160)).astype(np.float32) * 4 for _ in range(2))
+    residual = rng.standard_normal((rows, 64)).astype(np.float32)
+    m, w, _ = _operands(kind, 64, 160, False)
+    silu = gate.astype(np.float64) / (1 + np.exp(-gate.astype(np.float64)))
+    for g, inputs in ((None, a.astype(np.float64)), (gate, silu * a)):
+        y = kernels.residual_product(a, residual, m, gate=g)
+        expected = residual + inputs @ w.T
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@needs_kernels
+def test_silu_of_the_fused_call_across_float32s_range():
+    """SiLU as the kernels compute it (their own e^x) within float32 rounding of the exact one, from where
+    e^-x overflows to where SiLU is x."""
+    g = np.concatenate([np.linspace(-120, 120, 4000), [-88.7, -87.1, -87.0, -1e-30, 0.0, 1e-30, 87.5, 89.0]])
+    g = np.resize(g, (8, 504)).astype(np.float32)  # a multiple of 8 and 16 inputs
+    identity = kernels.Operands(mx.eye(504))
+    y = kernels.residual_product(np.ones_like(g), np.zeros_like(g), identity, gate=g)
+    exact = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64)))
+    np.testing.assert_allclose(y, exact, rtol=3e-7, atol=1e-35)  # e^-x capped at e^88, as elementwise.silu caps it
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiny", ["untied", "tied"], indirect=True)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit"])
+def test_the_fused_decoder_layer_equals_the_layer(tiny, kind, monkeypatch):
+    """A decode pass of a batch (kernels on) through `decoder.FusedDecoderLayer`'s four calls a layer gives
+    the logits of `DecoderLayer`'s own path to float32 rounding; it takes that path outside `inference`."""
+    from mlx_qwen2 import load
+    from mlx_qwen2.backends.cpu import decoder
+    from mlx_qwen2.cache.batch import BatchKVCache
+    from mlx_qwen2.models.qwen2 import DecoderLayer
+    from mlx_qwen2.quant.affine import quantize_model
+
+    model, _ = load(tiny)
+    if kind == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    elif kind == "4bit":
+        quantize_model(model, group_size=32, bits=4)
+        use_fast_layers(model, mx.Device(mx.cpu))
+    assert all(type(layer) is decoder.FusedDecoderLayer for layer in model.layers)
+    args, rows = model.args, 5
+    mx.random.seed(3)
+    shape = (rows, args.n_kv_heads, 6, args.head_dim)
+    kv = [(mx.random.normal(shape), mx.random.normal(shape)) for _ in model.layers]
+    tokens = mx.array([[3], [17], [250], [9], [77]])
+    calls = []
+    real = kernels.norm_products
+    monkeypatch.setattr(kernels, "norm_products", lambda *a: calls.append(1) or real(*a))
+
+    def logits(fused: bool, inside: bool = True) -> np.ndarray:
+        cache = [BatchKVCache(k, v, [0, 2, 0, 1, 0]) for k, v in kv]
+        if not fused:
+            monkeypatch.setattr(decoder.FusedDecoderLayer, "__call__", DecoderLayer.__call__)
+        with fast.inference() if inside else contextlib.nullcontext():
+            y = model(tokens, cache=cache)
+        monkeypatch.undo()
+        monkeypatch.setattr(kernels, "norm_products", lambda *a: calls.append(1) or real(*a))
+        return np.array(y.astype(mx.float32))
+
+    fused = logits(True)
+    assert len(calls) == 2 * len(model.layers)  # q, k, v, and gate, up: one call each a layer
+    calls.clear()
+    unfused, outside = logits(False), logits(True, inside=False)
+    assert not calls
+    np.testing.assert_allclose(fused, unfused, atol=1e-4 * np.abs(unfused).max())
+    np.testing.assert_allclose(outside, unfused, atol=1e-4 * np.abs(unfused).max())
+    assert (fused.argmax(-1) == unfused.argmax(-1)).all()

@@ -43,16 +43,20 @@ class Attention(nn.Module):
         self.rope = RoPE(args)
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Cache | None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, D)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask, cache))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None, cache: Cache | None) -> mx.array:
+        """Attention of projected queries, keys and values (B, L, heads x D) -> (B, L, H x D), before o_proj."""
+        B, L, _ = q.shape
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, D)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, cached + L, D)
         out = attention(q, k, v, self.scale, mask, cache, self.exp)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class MLP(nn.Module):

@@ -1,4 +1,4 @@
-"""Which layers are swapped for their CPU versions (`layers`, `experts`), and the swap itself; also where
+"""Which layers are swapped for their CPU versions (`layers`, `experts`, `decoder`), and the swap itself; also where
 SiLU and attention's exponentials are computed with `elementwise`'s."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from mlx.utils import tree_unflatten
 
 from ...models.base import retyped
 from ...models.experts import SwitchGLU
-from ...models.qwen2 import MLP, Attention
+from ...models.qwen2 import MLP, Attention, DecoderLayer
 from . import elementwise
+from .decoder import FusedDecoderLayer
 from .experts import GroupingSwitchGLU
 from .layers import DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
 
@@ -35,6 +36,9 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
     swaps = [(path, retyped(m, _SWAPS[type(m)])) for path, m in model.named_modules() if _wanted(m)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
+    layers = [(path, retyped(m, FusedDecoderLayer)) for path, m in model.named_modules() if type(m) is DecoderLayer]
+    if layers:  # after their children's swaps: a layer holds its children as they are when it is retyped
+        model.update_modules(tree_unflatten(layers))
     if elementwise.SLOW_EXP:
         for _, m in model.named_modules():
             if isinstance(m, (MLP, SwitchGLU)):

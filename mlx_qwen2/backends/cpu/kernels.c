@@ -14,6 +14,7 @@
  * libgomp's threads are gone, still works). Built at first use by kernels.py with the machine's compiler
  * (-O3 -march=native -fopenmp); compiled vector types, no intrinsics: AVX-512, AVX2 or NEON alike. Knows
  * nothing of MLX. */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -170,18 +171,27 @@ int supported(int rows, int K, int kind, int group, int bits) {
     return group > 0 && K % group == 0 && group % span == 0;
 }
 
-struct job {
-    int rows, N, K;
-    const float *x;
-    int kind;
+/* One matrix of a product: W (N x K) of `kind`; scales and biases (N x K / group) of `sdtype` for a
+ * quantized W; an optional bias (N) of `bias_kind` added to the result. */
+struct matrix {
+    int kind, N;
     const void *w, *scales, *biases;
     int sdtype, group, bits;
+    const void *bias;
+    int bias_kind;
+};
+
+struct job {
+    int rows, K;
+    const float *x; /* permuted for a quantized W of 2 or 4 bits */
+    const struct matrix *m;
     float *y;
 };
 
 /* Blocks [first, last) of NB rows of W: each made float32 (unless it is) and multiplied by every row of x. */
 static int run_blocks(const struct job *j, int first, int last) {
-    const int K = j->K, N = j->N, rows = j->rows, kind = j->kind;
+    const struct matrix *mat = j->m;
+    const int K = j->K, N = mat->N, rows = j->rows, kind = mat->kind;
     float *rowsbuf = kind == F32 ? NULL : malloc((size_t)NB * K * sizeof(float));
     float *out = malloc((size_t)MT * NB * sizeof(float));
     if ((kind != F32 && !rowsbuf) || !out) {
@@ -195,11 +205,13 @@ static int run_blocks(const struct job *j, int first, int last) {
         for (int r = 0; r < NB; r++) {
             const size_t n = (size_t)n0 + (r < count ? r : count - 1); /* a short last block repeats a row */
             if (kind == F32) {
-                wr[r] = (const float *)j->w + n * K;
+                wr[r] = (const float *)mat->w + n * K;
             } else if (r < count) {
                 float *dst = rowsbuf + (size_t)r * K;
-                if (kind == QUANTIZED) dequantize(j->w, j->scales, j->biases, j->sdtype, n, K, j->group, j->bits, dst);
-                else widen(j->w, kind, n, K, dst);
+                if (kind == QUANTIZED)
+                    dequantize(mat->w, mat->scales, mat->biases, mat->sdtype, n, K, mat->group, mat->bits, dst);
+                else
+                    widen(mat->w, kind, n, K, dst);
                 wr[r] = dst;
             } else {
                 wr[r] = wr[r - 1];
@@ -208,8 +220,11 @@ static int run_blocks(const struct job *j, int first, int last) {
         for (int m0 = 0; m0 < rows; m0 += MT) {
             const int r = rows - m0 < MT ? rows - m0 : MT;
             tiles(r, K, j->x + (size_t)m0 * K, wr, out, NB);
-            for (int m = 0; m < r; m++)
-                memcpy(j->y + (size_t)(m0 + m) * N + n0, out + (size_t)m * NB, count * sizeof(float));
+            for (int m = 0; m < r; m++) {
+                float *y = j->y + (size_t)(m0 + m) * N + n0;
+                for (int c = 0; c < count; c++)
+                    y[c] = out[m * NB + c] + (mat->bias ? scalar(mat->bias, mat->bias_kind, (size_t)n0 + c) : 0.0f);
+            }
         }
     }
     free(rowsbuf);
@@ -217,37 +232,135 @@ static int run_blocks(const struct job *j, int first, int last) {
     return 0;
 }
 
+/* x (rows x K) with each chunk of LANES * f inputs in the order a chunk of bytes of 2- or 4-bit fields
+ * comes out in (f = 8 / bits), or NULL where memory ran out. */
+static float *permute(int rows, int K, const float *x, int bits) {
+    const int fields = 8 / bits, span = LANES * fields;
+    float *permuted = malloc((size_t)rows * K * sizeof(float));
+    if (!permuted) return NULL;
+    for (int m = 0; m < rows; m++)
+        for (int c = 0; c < K / span; c++)
+            for (int p = 0; p < fields; p++)
+                for (int i = 0; i < LANES; i++)
+                    permuted[(size_t)m * K + c * span + p * LANES + i] = x[(size_t)m * K + c * span + p + fields * i];
+    return permuted;
+}
+
+#define MAX_MATRICES 4
+
+/* ys[i] (rows x N_i) = x (rows x K) @ W_i.T (+ bias_i) for `count` matrices sharing x, their blocks of
+ * rows shared out over the threads as one range (a contiguous share of the matrices each). Returns 0, or -1
+ * where memory ran out (the ys then partly written). */
+static int products(int rows, int K, const float *x, int count, const struct matrix *ms, float *const *ys,
+                    int threads) {
+    struct job jobs[MAX_MATRICES];
+    float *permuted[9] = {0}; /* by bits */
+    int starts[MAX_MATRICES + 1] = {0}, failed = 0;
+    if (count < 1 || count > MAX_MATRICES) return -1;
+    for (int i = 0; i < count; i++) {
+        const float *xs = x;
+        const int bits = ms[i].bits;
+        if (ms[i].kind == QUANTIZED && bits != 8) {
+            if (!permuted[bits] && !(permuted[bits] = permute(rows, K, x, bits))) failed = 1;
+            xs = permuted[bits];
+        }
+        jobs[i] = (struct job){rows, K, xs, &ms[i], ys[i]};
+        starts[i + 1] = starts[i] + (ms[i].N + NB - 1) / NB;
+    }
+    const int blocks = starts[count];
+    if (!failed) {
+#pragma omp parallel num_threads(threads) reduction(| : failed) if (threads > 1)
+        {
+            /* no OpenMP team for one thread: also what a forked child uses (libgomp's threads are not forked) */
+            const int t = threads > 1 ? omp_get_thread_num() : 0, n = threads > 1 ? omp_get_num_threads() : 1;
+            const int per = (blocks + n - 1) / n, first = t * per, last = first + per < blocks ? first + per : blocks;
+            for (int i = 0; i < count; i++) {
+                const int lo = first > starts[i] ? first : starts[i], hi = last < starts[i + 1] ? last : starts[i + 1];
+                if (lo < hi) failed |= run_blocks(&jobs[i], lo - starts[i], hi - starts[i]);
+            }
+        }
+    }
+    for (int b = 0; b < 9; b++) free(permuted[b]);
+    return failed ? -1 : 0;
+}
+
 /* y (rows x N) = x (rows x K) @ W.T, W (N x K) of `kind`; scales and biases (N x K / group) of `sdtype` for a
  * quantized W. Returns 0, or -1 where memory ran out (y then unwritten). */
 int product(int rows, int N, int K, const float *x, int kind, const void *w, const void *scales,
             const void *biases, int sdtype, int group, int bits, float *y, int threads) {
-    const float *xs = x;
-    float *permuted = NULL;
-    if (kind == QUANTIZED && bits != 8) {
-        const int fields = 8 / bits, span = LANES * fields;
-        permuted = malloc((size_t)rows * K * sizeof(float));
-        if (!permuted) return -1;
-        for (int m = 0; m < rows; m++)
-            for (int c = 0; c < K / span; c++)
-                for (int p = 0; p < fields; p++)
-                    for (int i = 0; i < LANES; i++)
-                        permuted[(size_t)m * K + c * span + p * LANES + i] =
-                            x[(size_t)m * K + c * span + p + fields * i];
-        xs = permuted;
+    const struct matrix m = {kind, N, w, scales, biases, sdtype, group, bits, NULL, 0};
+    return products(rows, K, x, 1, &m, &y, threads);
+}
+
+/* e^x for x <= 88 (e^-87 and below as 0): 2^n times a polynomial on [-ln2 / 2, ln2 / 2] (Cephes' expf,
+ * within 2 ulp of float32's e^x). */
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+static inline vf pick(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); } /* mask ? a : b */
+
+static inline vf vexp(vf x) {
+    const vi zero = x < -87.0f; /* lanes whose e^x is taken as 0 */
+    x = pick(x < -87.0f, (vf){0} - 87.0f, x);
+    x = pick(x > 88.0f, (vf){0} + 88.0f, x);
+    const vf t = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(t, vi);
+    n += (vi)(__builtin_convertvector(n, vf) > t); /* floor: truncation rounded down where t < 0 */
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = 1.9875691500e-4f + (vf){0};
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const vf e = p * r * r + r + 1.0f;
+    const vf two_n = (vf)((n + 127) << 23);
+    return pick(zero, (vf){0}, e * two_n);
+}
+
+/* out (rows x K) = x / sqrt(mean(x^2) + eps) * weight, per row; weight (K) of `kind`. */
+static void rms_norm(int rows, int K, const float *x, const void *weight, int kind, float eps, float *out) {
+    for (int m = 0; m < rows; m++) {
+        const float *row = x + (size_t)m * K;
+        vf acc = {0};
+        for (int k = 0; k < K; k += LANES) {
+            const vf v = load(row + k);
+            acc += v * v;
+        }
+        const float inv = 1.0f / sqrtf(sum(acc) / (float)K + eps);
+        for (int k = 0; k < K; k++) out[(size_t)m * K + k] = row[k] * inv * scalar(weight, kind, k);
     }
-    struct job job = {rows, N, K, xs, kind, w, scales, biases, sdtype, group, bits, y};
-    const int blocks = (N + NB - 1) / NB;
-    int failed = 0;
-    if (threads <= 1) { /* no OpenMP team: also what a forked child uses (libgomp's threads are not forked) */
-        failed = run_blocks(&job, 0, blocks);
-    } else {
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-        {
-            const int t = omp_get_thread_num(), n = omp_get_num_threads();
-            const int per = (blocks + n - 1) / n, first = t * per, last = first + per < blocks ? first + per : blocks;
-            failed |= first < last ? run_blocks(&job, first, last) : 0; /* a contiguous share of W each */
+}
+
+/* ys[i] = rms_norm(x) @ W_i.T (+ bias_i) for `count` matrices: the start of an attention block (q, k, v)
+ * or of an MLP (gate, up). Returns 0, or -1 where memory ran out. */
+int norm_products(int rows, int K, const float *x, const void *norm, int norm_kind, float eps, int count,
+                  const struct matrix *ms, float *const *ys, int threads) {
+    float *normed = malloc((size_t)rows * K * sizeof(float));
+    if (!normed) return -1;
+    rms_norm(rows, K, x, norm, norm_kind, eps, normed);
+    const int status = products(rows, K, normed, count, ms, ys, threads);
+    free(normed);
+    return status;
+}
+
+/* y (rows x N) = residual + a @ W.T, a = x, or silu(gate) * x where gate is given (both rows x K): the end
+ * of an attention block (o_proj) or of an MLP (down_proj). SiLU as x / (1 + e^-x). Returns 0, or -1. */
+int residual_product(int rows, int K, const float *gate, const float *x, const float *residual,
+                     const struct matrix *m, float *y, int threads) {
+    float *a = NULL;
+    if (gate) {
+        const size_t size = (size_t)rows * K;
+        if (!(a = malloc(size * sizeof(float)))) return -1;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && size >= 1 << 14)
+        for (size_t i = 0; i < size; i += LANES) {
+            const vf g = load(gate + i);
+            store(a + i, g / (1.0f + vexp(-g)) * load(x + i));
         }
     }
-    free(permuted);
-    return failed ? -1 : 0;
+    const int status = products(rows, K, a ? a : x, 1, m, &y, threads);
+    free(a);
+    if (status == 0)
+        for (size_t i = 0; i < (size_t)rows * m->N; i++) y[i] += residual[i];
+    return status;
 }

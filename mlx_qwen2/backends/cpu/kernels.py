@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16
 KINDS = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}  # the weight's kind; 3: quantized
 QUANTIZED = 3
@@ -76,6 +76,23 @@ def _build() -> Path | None:
     return target
 
 
+class Matrix(ctypes.Structure):
+    """`struct matrix` of kernels.c: one matrix of a product, and the bias added to its result."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("N", ctypes.c_int),
+        ("w", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("biases", ctypes.c_void_p),
+        ("sdtype", ctypes.c_int),
+        ("group", ctypes.c_int),
+        ("bits", ctypes.c_int),
+        ("bias", ctypes.c_void_p),
+        ("bias_kind", ctypes.c_int),
+    ]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if sys.platform != "linux" or os.environ.get("MLX_QWEN2_KERNELS", "").lower() in OFF:
@@ -86,9 +103,11 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     if library is not None:
-        ptr, i = ctypes.c_void_p, ctypes.c_int
+        ptr, i, f, matrix = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.POINTER(Matrix)
         library.product.argtypes = [i, i, i, ptr, i, ptr, ptr, ptr, i, i, i, ptr, i]
         library.supported.argtypes = [i, i, i, i, i]
+        library.norm_products.argtypes = [i, i, ptr, ptr, i, f, i, matrix, ctypes.POINTER(ptr), i]
+        library.residual_product.argtypes = [i, i, ptr, ptr, ptr, matrix, ptr, i]
     return library
 
 
@@ -202,6 +221,104 @@ def multiply(
         y.ctypes.data,
         _threads(),
     )
+    _check(status)
+    return y
+
+
+class Operands:
+    """One matrix of a fused call on the host: W float or packed (MLX's affine quantization, `scales` and
+    `biases` given), and the bias added to its result if any; evaluated now, read in place afterwards."""
+
+    def __init__(
+        self,
+        w: mx.array,
+        scales: mx.array | None = None,
+        biases: mx.array | None = None,
+        group_size: int = 0,
+        bits: int = 0,
+        bias: mx.array | None = None,
+    ):
+        quantized = scales is not None
+        arrays = [_bits(w)] + ([_bits(scales), _bits(biases)] if quantized else []) + ([_bits(bias)] if bias is not None else [])
+        self.host = _host(*arrays)  # kept: the struct points into them
+        ws, rest = self.host[0], self.host[1:]
+        ss, bs = (rest[0], rest[1]) if quantized else (None, None)
+        b = rest[-1] if bias is not None else None
+        self.inputs = w.shape[1] * 32 // bits if quantized else w.shape[1]
+        self.matrix = Matrix(
+            QUANTIZED if quantized else KINDS[w.dtype],
+            w.shape[0],
+            ws.ctypes.data,
+            ss.ctypes.data if ss is not None else None,
+            bs.ctypes.data if bs is not None else None,
+            KINDS[scales.dtype] if quantized else 0,
+            group_size,
+            bits,
+            b.ctypes.data if b is not None else None,
+            KINDS[bias.dtype] if bias is not None else 0,
+        )
+
+    @property
+    def outputs(self) -> int:
+        return self.matrix.N
+
+
+def host(x: mx.array) -> np.ndarray:
+    """x (..., n) as float32 rows (rows, n) on the host, evaluated now (no new MLX operation for a float32 x:
+    each evaluation costs ~0.1 ms, an evaluated array none)."""
+    if x.dtype != mx.float32:
+        x = x.astype(mx.float32)
+    (xs,) = _host(x)
+    return xs.reshape(-1, x.shape[-1])
+
+
+def vector(a: mx.array) -> tuple[np.ndarray, int]:
+    """A vector (a norm's weight) on the host, with its kind."""
+    (v,) = _host(_bits(a))
+    return v, KINDS[a.dtype]
+
+
+def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("few-row product: out of memory for its row buffers")
+
+
+def norm_products(x: np.ndarray, norm: tuple[np.ndarray, int], eps: float, matrices: list[Operands]) -> list[np.ndarray]:
+    """rms_norm(x) @ W_i.T (+ bias_i) for each matrix, x (rows, in) float32 on the host: the start of an
+    attention block (q, k, v) or of an MLP (gate, up), in one call, the matrices shared out over the cores
+    as one."""
+    library = _library()
+    assert library is not None and 1 <= len(matrices) <= 4
+    rows = x.shape[0]
+    ys = [np.empty((rows, m.outputs), np.float32) for m in matrices]
+    structs = (Matrix * len(matrices))(*[m.matrix for m in matrices])
+    pointers = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+    weight, kind = norm
+    _check(
+        library.norm_products(
+            rows, x.shape[1], x.ctypes.data, weight.ctypes.data, kind, eps, len(matrices), structs, pointers, _threads()
+        )
+    )
+    return ys
+
+
+def residual_product(x: np.ndarray, residual: np.ndarray, matrix: Operands, gate: np.ndarray | None = None) -> np.ndarray:
+    """residual + a @ W.T, a = x or silu(gate) * x (rows, in), float32 on the host: the end of an attention
+    block (o_proj) or of an MLP (down_proj), in one call."""
+    library = _library()
+    assert library is not None
+    rows = x.shape[0]
+    y = np.empty((rows, matrix.outputs), np.float32)
+    _check(
+        library.residual_product(
+            rows,
+            x.shape[1],
+            gate.ctypes.data if gate is not None else None,
+            x.ctypes.data,
+            residual.ctypes.data,
+            ctypes.byref(matrix.matrix),
+            y.ctypes.data,
+            _threads(),
+        )
+    )
     return y

@@ -161,11 +161,16 @@ def inference() -> Iterator[None]:
         _passes.depth = depth
 
 
+def in_inference() -> bool:
+    """Whether the pass being built is inside `inference`."""
+    return bool(getattr(_passes, "depth", 0))
+
+
 def _kernel(
     x: mx.array, w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, group_size=0, bits=0
 ) -> mx.array | None:
     """x @ W.T by the compiled kernels where they apply (inside `inference`, few rows), else None."""
-    if not getattr(_passes, "depth", 0) or not kernels.supported(_tokens(x), w, scales, group_size, bits):
+    if not in_inference() or not kernels.supported(_tokens(x), w, scales, group_size, bits):
         return None
     return kernels.product(x, w, scales, biases, group_size, bits).astype(x.dtype)
 
