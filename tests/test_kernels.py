@@ -246,7 +246,9 @@ def test_norm_products_equal_the_norm_then_each_product(rows, kind):
     """q, k, v (or gate, up) in one call: rms_norm(x) @ W_i.T + b_i, each matrix of its own width."""
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 128)).astype(np.float32) * 3
-    weight = mx.array(rng.standard_normal(128).astype(np.float32)).astype(mx.bfloat16 if kind == "bfloat16" else mx.float32)
+    weight = mx.array(rng.standard_normal(128).astype(np.float32)).astype(
+        mx.bfloat16 if kind == "bfloat16" else mx.float32
+    )
     matrices = [_operands(kind, n, 128, bias) for n, bias in ((96, True), (32, True), (40, False))]
     ys = kernels.norm_products(x, kernels.vector(weight), 1e-6, [m for m, _, _ in matrices])
     normed = _rms_norm(x.astype(np.float64), _f64(weight), 1e-6)

@@ -239,7 +239,11 @@ class Operands:
         bias: mx.array | None = None,
     ):
         quantized = scales is not None
-        arrays = [_bits(w)] + ([_bits(scales), _bits(biases)] if quantized else []) + ([_bits(bias)] if bias is not None else [])
+        arrays = (
+            [_bits(w)]
+            + ([_bits(scales), _bits(biases)] if quantized else [])
+            + ([_bits(bias)] if bias is not None else [])
+        )
         self.host = _host(*arrays)  # kept: the struct points into them
         ws, rest = self.host[0], self.host[1:]
         ss, bs = (rest[0], rest[1]) if quantized else (None, None)
@@ -283,7 +287,9 @@ def _check(status: int) -> None:
         raise MemoryError("few-row product: out of memory for its row buffers")
 
 
-def norm_products(x: np.ndarray, norm: tuple[np.ndarray, int], eps: float, matrices: list[Operands]) -> list[np.ndarray]:
+def norm_products(
+    x: np.ndarray, norm: tuple[np.ndarray, int], eps: float, matrices: list[Operands]
+) -> list[np.ndarray]:
     """rms_norm(x) @ W_i.T (+ bias_i) for each matrix, x (rows, in) float32 on the host: the start of an
     attention block (q, k, v) or of an MLP (gate, up), in one call, the matrices shared out over the cores
     as one."""
@@ -302,7 +308,9 @@ def norm_products(x: np.ndarray, norm: tuple[np.ndarray, int], eps: float, matri
     return ys
 
 
-def residual_product(x: np.ndarray, residual: np.ndarray, matrix: Operands, gate: np.ndarray | None = None) -> np.ndarray:
+def residual_product(
+    x: np.ndarray, residual: np.ndarray, matrix: Operands, gate: np.ndarray | None = None
+) -> np.ndarray:
     """residual + a @ W.T, a = x or silu(gate) * x (rows, in), float32 on the host: the end of an attention
     block (o_proj) or of an MLP (down_proj), in one call."""
     library = _library()
