@@ -37,6 +37,7 @@ LAYERS = {
         "backends.cpu.layers",
         "backends.cpu.elementwise",
         "backends.cpu.experts",
+        "backends.cpu.decoder",
         "backends.cpu.fast",
         "backends.metal",
         "quant",
