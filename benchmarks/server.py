@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -163,9 +164,8 @@ def measure(server: str, folder: Path, clients: list[int], gen_tokens: int, time
             out[n] = asyncio.run(level(url, n, gen_tokens, timeout))
             out[n]["peak_gb"] = peak_rss_gb(proc.pid)
         except (asyncio.TimeoutError, httpx.HTTPError) as e:
-            out[n] = {
-                "error": f"{type(e).__name__} (over {timeout:g} s)" if isinstance(e, asyncio.TimeoutError) else str(e)
-            }
+            timed_out = isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException))
+            out[n] = {"error": f"{type(e).__name__} (over {timeout:g} s)" if timed_out else f"{type(e).__name__}: {e}"}
         finally:
             proc.terminate()
             try:
@@ -228,6 +228,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per level before it counts as timed out")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
+    # SIGTERM (a stopped job) exits through the `finally` blocks, which stop the server being measured
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     folders = model_folders(args.models)
     report, raw = [], {}
     for name, folder in folders.items():
