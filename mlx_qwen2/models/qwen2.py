@@ -45,7 +45,9 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Cache | None) -> mx.array:
         return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask, cache))
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None, cache: Cache | None) -> mx.array:
+    def attend(
+        self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None, cache: Cache | None
+    ) -> mx.array:
         """Attention of projected queries, keys and values (B, L, heads x D) -> (B, L, H x D), before o_proj."""
         B, L, _ = q.shape
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
