@@ -30,8 +30,9 @@ _LINEAR = (layers.UpcastingLinear, layers.DequantizingLinear)
 
 
 def _kept(module: nn.Module, params: tuple, make):
-    """make(), kept on the module while its parameters `params` stay the same arrays (loading new weights,
-    or training, replaces them)."""
+    """make(), kept on the module while its parameters `params` stay the same arrays: loading weights and
+    training's updates replace the arrays, and are seen; writing into a weight in place (`w[i] = v`) is
+    not, and is not something generation's callers do."""
     kept = module.__dict__.get("_kernel_operands")
     if kept is not None and all(a is b for a, b in zip(kept[0], params)):
         return kept[1]
