@@ -247,6 +247,9 @@ static float *permute(int rows, int K, const float *x, int bits) {
 }
 
 #define MAX_MATRICES 4
+#ifndef CHUNK
+#define CHUNK 16 /* blocks of NB rows of W a thread takes at a time */
+#endif
 
 /* ys[i] (rows x N_i) = x (rows x K) @ W_i.T (+ bias_i) for `count` matrices sharing x, their blocks of
  * rows shared out over the threads as one range (a contiguous share of the matrices each). Returns 0, or -1
@@ -267,17 +270,16 @@ static int products(int rows, int K, const float *x, int count, const struct mat
         jobs[i] = (struct job){rows, K, xs, &ms[i], ys[i]};
         starts[i + 1] = starts[i] + (ms[i].N + NB - 1) / NB;
     }
-    const int blocks = starts[count];
-    if (!failed) {
-#pragma omp parallel num_threads(threads) reduction(| : failed) if (threads > 1)
-        {
-            /* no OpenMP team for one thread: also what a forked child uses (libgomp's threads are not forked) */
-            const int t = threads > 1 ? omp_get_thread_num() : 0, n = threads > 1 ? omp_get_num_threads() : 1;
-            const int per = (blocks + n - 1) / n, first = t * per, last = first + per < blocks ? first + per : blocks;
-            for (int i = 0; i < count; i++) {
-                const int lo = first > starts[i] ? first : starts[i], hi = last < starts[i + 1] ? last : starts[i + 1];
-                if (lo < hi) failed |= run_blocks(&jobs[i], lo - starts[i], hi - starts[i]);
-            }
+    const int blocks = starts[count], chunks = failed ? 0 : (blocks + CHUNK - 1) / CHUNK;
+    /* Chunks of CHUNK blocks handed to whichever thread is free: a thread the machine takes away for a
+     * moment (another process, MLX's own threads) delays only its chunk, not a fixed half of the product.
+     * No OpenMP team for one thread: also what a forked child uses (libgomp's threads are not forked). */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed) if (threads > 1)
+    for (int c = 0; c < chunks; c++) {
+        const int first = c * CHUNK, last = first + CHUNK < blocks ? first + CHUNK : blocks;
+        for (int i = 0; i < count; i++) {
+            const int lo = first > starts[i] ? first : starts[i], hi = last < starts[i + 1] ? last : starts[i + 1];
+            if (lo < hi) failed |= run_blocks(&jobs[i], lo - starts[i], hi - starts[i]);
         }
     }
     for (int b = 0; b < 9; b++) free(permuted[b]);
