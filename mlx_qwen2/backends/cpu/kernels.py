@@ -292,7 +292,7 @@ def norm_products(
 ) -> list[np.ndarray]:
     """rms_norm(x) @ W_i.T (+ bias_i) for each matrix, x (rows, in) float32 on the host: the start of an
     attention block (q, k, v) or of an MLP (gate, up), in one call, the matrices shared out over the cores
-    as one."""
+    as one. Only for matrices `supported` takes (x's width a multiple of `lanes()`)."""
     library = _library()
     assert library is not None and 1 <= len(matrices) <= 4
     rows = x.shape[0]
@@ -312,7 +312,7 @@ def residual_product(
     x: np.ndarray, residual: np.ndarray, matrix: Operands, gate: np.ndarray | None = None
 ) -> np.ndarray:
     """residual + a @ W.T, a = x or silu(gate) * x (rows, in), float32 on the host: the end of an attention
-    block (o_proj) or of an MLP (down_proj), in one call."""
+    block (o_proj) or of an MLP (down_proj), in one call. Only for a matrix `supported` takes."""
     library = _library()
     assert library is not None
     rows = x.shape[0]
