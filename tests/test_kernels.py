@@ -331,3 +331,24 @@ def test_the_fused_decoder_layer_equals_the_layer(tiny, kind, monkeypatch):
     np.testing.assert_allclose(fused, unfused, atol=1e-4 * np.abs(unfused).max())
     np.testing.assert_allclose(outside, unfused, atol=1e-4 * np.abs(unfused).max())
     assert (fused.argmax(-1) == unfused.argmax(-1)).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiny", ["untied"], indirect=True)
+def test_the_fused_layer_leaves_other_activations_to_the_plain_path(tiny, monkeypatch):
+    """Activations other than the CPU embeddings' float32 go through `DecoderLayer`'s own path."""
+    from mlx_qwen2 import load
+    from mlx_qwen2.models.qwen2 import DecoderLayer
+
+    model, _ = load(tiny)
+    calls = []
+    real = kernels.norm_products
+    monkeypatch.setattr(kernels, "norm_products", lambda *a: calls.append(1) or real(*a))
+    x = mx.random.normal((2, 1, model.args.hidden_size))
+    with fast.inference():
+        assert model.layers[0](x, None, None).dtype == mx.float32
+        assert len(calls) == 2
+        other = x.astype(mx.bfloat16)
+        y, plain = model.layers[0](other, None, None), DecoderLayer.__call__(model.layers[0], other, None, None)
+    assert len(calls) == 2
+    assert y.dtype == plain.dtype and mx.array_equal(y, plain).item()

@@ -72,7 +72,9 @@ class FusedDecoderLayer(DecoderLayer):
         rows = x.size // x.shape[-1]
         if not layers.in_inference() or rows > kernels.MAX_ROWS or not kernels.available():
             return super().__call__(x, mask, cache)
-        if type(self.self_attn) is not Attention:  # tensor-parallel, say
+        # The CPU embeddings hand the layers float32: other activations, or a tensor-parallel attention, take
+        # the plain path.
+        if x.dtype != mx.float32 or type(self.self_attn) is not Attention:
             return super().__call__(x, mask, cache)
         a = self.self_attn
         qkv = [_operands(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
