@@ -3,15 +3,16 @@
  * its little-endian uint32 words, a scale and a bias per group of `group` fields).
  *
  * A batch decoding multiplies a few rows by every matrix of the model. OpenBLAS packs the matrix for such
- * a product and then computes, and MLX's quantized kernel runs on one thread; here each thread streams its
- * own contiguous share of W's rows once: NB rows at a time are made float32 (16-bit: widened; quantized:
+ * a product and then computes, and MLX's quantized kernel runs on one thread; here the threads stream W
+ * once between them: NB rows at a time are made float32 (16-bit: widened; quantized:
  * q * scale + bias, in the order of the byte's fields), then multiplied by every row of x, MT rows at a
  * time, NB x MT vector accumulators in registers. For quantized W, x is first permuted into the order the
  * fields come out of each LANES bytes (plane p of a chunk holds fields p, p + f, p + 2f, ..., f = 8 / bits),
  * so no field is ever moved. Sums are float32, as BLAS's are; the order of the additions differs.
  *
- * Each thread takes a contiguous share of W's rows; one thread runs without OpenMP (so a forked child, where
- * libgomp's threads are gone, still works). Built at first use by kernels.py with the machine's compiler
+ * W's blocks of rows go in chunks to whichever thread is free (see products()); one thread runs without
+ * OpenMP (so a forked child, where libgomp's threads are gone, still works). norm_products() and
+ * residual_product() put a decoder layer's norms, biases, residuals and SiLU around the products. Built at first use by kernels.py with the machine's compiler
  * (-O3 -march=native -fopenmp); compiled vector types, no intrinsics: AVX-512, AVX2 or NEON alike. Knows
  * nothing of MLX. */
 #include <math.h>
@@ -98,12 +99,12 @@ static inline __attribute__((always_inline)) void tile(int rows, int K, const fl
         for (int j = 0; j < NB; j++) y[(size_t)m * ldy + j] = sum(acc[m][j]);
 }
 
-/* The tile for r rows of x, r < MT: a constant in each case, so every loop over rows unrolls. */
-static void tiles(int r, int K, const float *x, const float *w[NB], float *y, int ldy) {
-    switch (r) {
 #if MT > 4
 #error "MT is at most 4"
 #endif
+/* The tile for r rows of x, r <= MT: a constant in each case, so every loop over rows unrolls. */
+static void tiles(int r, int K, const float *x, const float *w[NB], float *y, int ldy) {
+    switch (r) {
     case 1: tile(1, K, x, w, y, ldy); break;
     case 2: tile(2, K, x, w, y, ldy); break;
 #if MT >= 3
@@ -252,7 +253,7 @@ static float *permute(int rows, int K, const float *x, int bits) {
 #endif
 
 /* ys[i] (rows x N_i) = x (rows x K) @ W_i.T (+ bias_i) for `count` matrices sharing x, their blocks of
- * rows shared out over the threads as one range (a contiguous share of the matrices each). Returns 0, or -1
+ * rows shared out over the threads as one range, in chunks. Returns 0, or -1
  * where memory ran out (the ys then partly written). */
 static int products(int rows, int K, const float *x, int count, const struct matrix *ms, float *const *ys,
                     int threads) {

@@ -248,7 +248,6 @@ class Operands:
         ws, rest = self.host[0], self.host[1:]
         ss, bs = (rest[0], rest[1]) if quantized else (None, None)
         b = rest[-1] if bias is not None else None
-        self.inputs = w.shape[1] * 32 // bits if quantized else w.shape[1]
         self.matrix = Matrix(
             QUANTIZED if quantized else KINDS[w.dtype],
             w.shape[0],
