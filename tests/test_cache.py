@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_qwen2.cache import KVCache, make_cache
+from mlx_qwen2.cache.batch import BatchKVCache
 from mlx_qwen2.generation import prefill
 from mlx_qwen2.loader import load
 
@@ -25,6 +26,20 @@ def test_prefill_then_decode_equals_full_forward(tiny, step):
     np.testing.assert_allclose(np.concatenate(logits), full, atol=1e-4, rtol=0)
     assert cache[0].offset == len(IDS)
     assert cache[0].keys.shape[2] % step == 0 and cache[0].keys.shape[2] >= len(IDS)
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_batch_cache_chunks_then_decode_equal_full_forward(tiny_untied, pad):
+    """A batch cache's masks: with padding (an explicit mask), and without (none, or "causal")."""
+    model, _ = load(tiny_untied)
+    full = np.array(model(mx.array([IDS]))[0])
+    cache = [BatchKVCache.empty([pad]) for _ in model.layers]
+    ids = [0] * pad + IDS
+    logits = [np.array(model(mx.array([ids[: pad + 5]]), cache)[0, pad:])]
+    logits.append(np.array(model(mx.array([ids[pad + 5 : pad + 9]]), cache)[0]))  # a chunk after a prefix
+    for t in ids[pad + 9 :]:
+        logits.append(np.array(model(mx.array([[t]]), cache)[0]))
+    np.testing.assert_allclose(np.concatenate(logits), full, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("step", [4, 5, 23])
