@@ -83,7 +83,7 @@ class BatchKVCache:
         mask array (about 2% of a decode step of one on the CPU).
         """
         if not any(self.left_pad):
-            return "causal" if length > 1 else None
+            return KVCache.make_mask(self, length)  # type: ignore[arg-type]
         total = self._size + length
         keys = mx.arange(total)[None, None, None, :]  # (1, 1, 1, T)
         queries = mx.arange(self._size, total)[None, None, :, None]  # (1, 1, L, 1)
