@@ -1,7 +1,7 @@
 """The HTTP server under concurrent clients, beside mlx_lm.server, in one run on the same model.
 
     python -m benchmarks.server [--models float32 bfloat16] [--clients 1 4 16] [--gen-tokens 64]
-                                [--user-clients 1] [--timeout 300]
+                                [--user-clients 1] [--timeout 300] [--rounds 0]
 
 For each model and each number of concurrent clients, every server is started fresh, warmed with
 one request, then each client sends its requests one after another (4 for a single client, 2 each
@@ -14,6 +14,11 @@ mlx_lm.server as its users run it (`mlx_lm.server --model M`: MLX's reference BL
 `--user-clients` only, since its prefill there is slow; and mlx_lm.server with the OpenBLAS we load
 (LD_PRELOAD), so the ratio shows what the server code does apart from the BLAS. Also
 `python -m mlx_qwen2.generate` on the single client's 4 questions (median), for its decode rate to compare with.
+
+That comparison is of runs minutes apart, and this machine's speed drifts by 10-20% within an hour.
+`--rounds R` adds one made to cancel the drift: our server stays up, and for each of the 4 questions,
+R times over, `python -m mlx_qwen2.generate` answers it (a fresh process, the server idle), then the
+single client asks the server the same; reported: each pair's ratio of decode rates, and their median.
 """
 
 from __future__ import annotations
@@ -179,16 +184,51 @@ def measure(server: str, folder: Path, clients: list[int], gen_tokens: int, time
 def generate_rate(folder: Path, gen_tokens: int) -> float:
     """Median decode tokens/s that `python -m mlx_qwen2.generate` reports for the questions the single client
     asks (the same 4, each a fresh process), to set beside that client's median."""
-    rates = []
-    for question in QUESTIONS[:4]:
-        cmd = [sys.executable, "-m", "mlx_qwen2.generate", "--model", str(folder), "--prompt", question]
-        cmd += ["--max-tokens", str(gen_tokens)]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-        rates.append(float(re.search(r"Generation: \d+ tokens, ([\d.]+) tokens-per-sec", out.stderr).group(1)))
-    return float(np.median(rates))
+    return float(np.median([generate_once(folder, question, gen_tokens) for question in QUESTIONS[:4]]))
 
 
-def table(name: str, results: dict, clients: list[int], generate: float) -> str:
+def generate_once(folder: Path, question: str, gen_tokens: int) -> float:
+    """The decode tokens/s `python -m mlx_qwen2.generate` reports for one question."""
+    cmd = [sys.executable, "-m", "mlx_qwen2.generate", "--model", str(folder), "--prompt", question]
+    cmd += ["--max-tokens", str(gen_tokens)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(re.search(r"Generation: \d+ tokens, ([\d.]+) tokens-per-sec", out.stderr).group(1))
+
+
+def interleaved(folder: Path, gen_tokens: int, rounds: int, timeout: float) -> dict:
+    """Decode tokens/s of generate and of our server, one client, in pairs taken one right after the other."""
+    proc, url = start("mlx_qwen2", folder, 1)
+    pairs = []
+    try:
+        asyncio.run(level(url, 1, 4, timeout))  # warm-up
+
+        async def ask(question: str) -> dict:
+            async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+                return await one_request(c, question, gen_tokens)
+
+        for _ in range(rounds):
+            for question in QUESTIONS[:4]:
+                ours = asyncio.run(ask(question))
+                pairs.append(
+                    (generate_once(folder, question, gen_tokens), (ours["tokens"] - 1) / (ours["last"] - ours["first"]))
+                )
+                print(f"  generate {pairs[-1][0]:.2f}, server {pairs[-1][1]:.2f} tokens/s", file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ratios = [server / generate for generate, server in pairs]
+    return {
+        "pairs": pairs,
+        "median_ratio": float(np.median(ratios)),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+    }
+
+
+def table(name: str, results: dict, clients: list[int], generate: float, paired: dict | None) -> str:
     ours = results["mlx_qwen2"]
     lines = [f"### {name}", "", f"`python -m mlx_qwen2.generate`, the single client's 4 questions: {generate:.1f} "
              "decode tokens/s (median)", ""]  # fmt: skip
@@ -216,16 +256,23 @@ def table(name: str, results: dict, clients: list[int], generate: float) -> str:
             "",
             f"Our server, one client, decode per request: {one:.1f} tokens/s = {one / generate:.2f}x generate's.",
         ]
+    if paired:
+        lines += [
+            "",
+            f"Interleaved with generate, {len(paired['pairs'])} pairs: our server's one-client decode rate is "
+            f"{paired['median_ratio']:.3f}x generate's (median; pairs {paired['min_ratio']:.2f}-{paired['max_ratio']:.2f}x).",
+        ]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    p.add_argument("--clients", nargs="*", type=int, default=[1, 4, 16])
     p.add_argument("--user-clients", nargs="*", type=int, default=[1], help="levels for mlx_lm.server on its own BLAS")
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per level before it counts as timed out")
+    p.add_argument("--rounds", type=int, default=0, help="rounds of the interleaved one-client comparison (0: none)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     # SIGTERM (a stopped job) exits through the `finally` blocks, which stop the server being measured
@@ -241,8 +288,10 @@ def main() -> None:
         }
         if args.user_clients:
             results[SERVERS[2]] = measure(SERVERS[2], folder, args.user_clients, args.gen_tokens, args.timeout)
-        raw[name] = {"generate": generate, **results}
-        report.append(table(name, results, sorted(set(args.clients) | set(args.user_clients)), generate))
+        paired = interleaved(folder, args.gen_tokens, args.rounds, args.timeout) if args.rounds else None
+        raw[name] = {"generate": generate, **results, "interleaved": paired}
+        levels = sorted(set(args.clients) | set(args.user_clients))
+        report.append(table(name, results, levels, generate, paired))
     print("\n\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))
