@@ -337,3 +337,97 @@ def test_openblas_loaded_with_the_flags_coretype_and_the_environment_left_alone(
         [sys.executable, "-c", code], env={**env, "OPENBLAS_CORETYPE": "Prescott"}, capture_output=True, text=True
     ).stdout
     assert own.split() == ["Prescott", "None", "Prescott"]
+
+
+def _mlp(kind: str, dim: int, hidden: int) -> nn.Module:
+    """An MLP of `kind` weights ("bfloat16", "float32", or "{bits}bit/{group}"), with this backend's layers."""
+    from mlx_qwen2.models.qwen2 import MLP
+
+    mx.random.seed(1)
+    holder = nn.Module()
+    holder.mlp = MLP(dim, hidden)
+    if kind == "bfloat16":
+        holder.mlp.set_dtype(mx.bfloat16)
+    elif kind != "float32":
+        bits, group = (int(v) for v in kind.split("bit/"))
+        nn.quantize(holder, group_size=group, bits=bits)
+    use_fast_layers(holder, mx.Device(mx.cpu))
+    return holder.mlp
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "4bit/32", "4bit/64", "8bit/128", "2bit/64"])
+def test_blocked_mlp_equals_the_mlp(kind, monkeypatch):
+    """A prefill's MLP a block of hidden units at a time (blocks of 128 here, the last one narrower) equals
+    the whole products, to float32 rounding."""
+    monkeypatch.setattr(fast, "MIN_MLP_WIDTH", 128)
+    monkeypatch.setattr(fast, "MLP_BLOCK", 128 * 40)
+    mlp = _mlp(kind, 128, 6 * 128 if kind.endswith("/128") else 5 * 128 + 64)
+    x = mx.random.normal((2, 20, 128))
+    whole = mlp(x)
+    blocks = []
+    real = fast._block
+    monkeypatch.setattr(fast, "_block", lambda layer, *a, **kw: blocks.append(1) or real(layer, *a, **kw))
+    with fast.inference():
+        y = fast.blocked_mlp(mlp, x)
+    assert y is not None and len(blocks) == 3 * 6  # gate, up and down for each of the 6 blocks
+    np.testing.assert_allclose(np.array(y), np.array(whole), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_mlp_is_for_prefill_of_copied_weights_only():
+    """None (the caller's plain MLP) outside generation's passes, for few rows, and where blocks gain
+    nothing (float32 weights) or cannot be cut cleanly (3-bit columns)."""
+    x = mx.random.normal((1, 1024, 64))  # blocks of 256 (1 << 18 activations)
+    assert fast.blocked_mlp(_mlp("4bit/64", 64, 1024), x) is None  # outside `inference`
+    with fast.inference():
+        assert fast.blocked_mlp(_mlp("4bit/64", 64, 1024), x[:, : fast.kernels.MAX_ROWS]) is None
+        assert fast.blocked_mlp(_mlp("float32", 64, 1024), x) is None
+        assert fast.blocked_mlp(_mlp("3bit/64", 64, 1024), x) is None
+        assert fast.blocked_mlp(_mlp("4bit/64", 64, 1024), x) is not None
+
+
+def test_blocked_mlp_holds_less(monkeypatch):
+    """What the point is: MLX's peak while computing a 4-bit MLP over 512 rows is under half the whole
+    products' (whose (512, 4096) float32 intermediates are 8 MB each)."""
+    mlp = _mlp("4bit/64", 64, 4096)
+    x = mx.random.normal((512, 64))
+    mx.eval(x, mlp.parameters())
+
+    def peak(blocked: bool) -> int:
+        mx.synchronize()
+        mx.reset_peak_memory()
+        start = mx.get_active_memory()
+        with fast.inference():
+            y = fast.blocked_mlp(mlp, x) if blocked else mlp(x)
+        mx.eval(y)
+        return mx.get_peak_memory() - start
+
+    whole, blocked = peak(False), peak(True)
+    assert whole > 2 * 512 * 4096 * 4  # more than two of the intermediates at once
+    assert blocked < whole / 2, (blocked, whole)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "4bit"])
+def test_a_prefill_runs_the_mlps_in_blocks_and_gives_the_same_logits(tiny_untied, kind, monkeypatch):
+    """The CPU decoder layer's prefill (generation's passes of more than kernels.MAX_ROWS rows) goes through
+    `blocked_mlp` (blocks of 128 of the tiny model's 160 hidden units) and gives the logits of the plain
+    layers outside those passes, to float32 rounding."""
+    from mlx_qwen2 import load
+    from mlx_qwen2.quant.affine import quantize_model
+
+    model, _ = load(tiny_untied)
+    if kind == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    else:
+        quantize_model(model, group_size=32, bits=4)
+        use_fast_layers(model, mx.Device(mx.cpu))
+    monkeypatch.setattr(fast, "MIN_MLP_WIDTH", 128)
+    monkeypatch.setattr(fast, "MLP_BLOCK", 128 * 24)
+    tokens = mx.array([list(range(5, 29))])
+    plain = np.array(model(tokens).astype(mx.float32))
+    blocks = []
+    real = fast._block
+    monkeypatch.setattr(fast, "_block", lambda layer, *a, **kw: blocks.append(1) or real(layer, *a, **kw))
+    with fast.inference():
+        blocked = np.array(model(tokens).astype(mx.float32))
+    assert len(blocks) == len(model.layers) * 3 * 2
+    np.testing.assert_allclose(blocked, plain, rtol=1e-4, atol=1e-4)
