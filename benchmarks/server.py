@@ -17,8 +17,8 @@ mlx_lm.server as its users run it (`mlx_lm.server --model M`: MLX's reference BL
 
 That comparison is of runs minutes apart, and this machine's speed drifts by 10-20% within an hour.
 `--rounds R` adds one made to cancel the drift: our server stays up, and for each of the 4 questions,
-R times over, `python -m mlx_qwen2.generate` answers it (a fresh process, the server idle), then the
-single client asks the server the same; reported: each pair's ratio of decode rates, and their median.
+R times over, the single client asks the server, then `python -m mlx_qwen2.generate` answers the same
+(a fresh process, the server idle); reported: each pair's ratio of decode rates, and their median.
 """
 
 from __future__ import annotations
@@ -102,6 +102,14 @@ def start(server: str, folder: Path, max_clients: int) -> tuple[subprocess.Popen
     raise RuntimeError(f"{server} did not start in 300 s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def peak_rss_gb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
@@ -172,11 +180,7 @@ def measure(server: str, folder: Path, clients: list[int], gen_tokens: int, time
             timed_out = isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException))
             out[n] = {"error": f"{type(e).__name__} (over {timeout:g} s)" if timed_out else f"{type(e).__name__}: {e}"}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         print(f"  {server:26s} {n:3d} clients: {out[n]}", file=sys.stderr, flush=True)
     return out
 
@@ -214,11 +218,7 @@ def interleaved(folder: Path, gen_tokens: int, rounds: int, timeout: float) -> d
                 )
                 print(f"  generate {pairs[-1][0]:.2f}, server {pairs[-1][1]:.2f} tokens/s", file=sys.stderr, flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     ratios = [server / generate for generate, server in pairs]
     return {
         "pairs": pairs,
