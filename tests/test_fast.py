@@ -352,6 +352,7 @@ def _mlp(kind: str, dim: int, hidden: int) -> nn.Module:
         bits, group = (int(v) for v in kind.split("bit/"))
         nn.quantize(holder, group_size=group, bits=bits)
     use_fast_layers(holder, mx.Device(mx.cpu))
+    assert type(holder.mlp) is fast.BlockingMLP
     return holder.mlp
 
 
@@ -388,6 +389,8 @@ def test_blocked_mlp_is_for_prefill_of_copied_weights_only():
 def test_blocked_mlp_holds_less(monkeypatch):
     """What the point is: MLX's peak while computing a 4-bit MLP over 512 rows is under half the whole
     products' (whose (512, 4096) float32 intermediates are 8 MB each)."""
+    from mlx_qwen2.models.qwen2 import MLP
+
     mlp = _mlp("4bit/64", 64, 4096)
     x = mx.random.normal((512, 64))
     mx.eval(x, mlp.parameters())
@@ -397,7 +400,7 @@ def test_blocked_mlp_holds_less(monkeypatch):
         mx.reset_peak_memory()
         start = mx.get_active_memory()
         with fast.inference():
-            y = fast.blocked_mlp(mlp, x) if blocked else mlp(x)
+            y = fast.blocked_mlp(mlp, x) if blocked else MLP.__call__(mlp, x)
         mx.eval(y)
         return mx.get_peak_memory() - start
 
@@ -408,7 +411,7 @@ def test_blocked_mlp_holds_less(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["bfloat16", "4bit"])
 def test_a_prefill_runs_the_mlps_in_blocks_and_gives_the_same_logits(tiny_untied, kind, monkeypatch):
-    """The CPU decoder layer's prefill (generation's passes of more than kernels.MAX_ROWS rows) goes through
+    """A prefill (generation's passes of more than kernels.MAX_ROWS rows) runs the layers' MLPs through
     `blocked_mlp` (blocks of 128 of the tiny model's 160 hidden units) and gives the logits of the plain
     layers outside those passes, to float32 rounding."""
     from mlx_qwen2 import load

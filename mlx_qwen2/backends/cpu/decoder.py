@@ -14,9 +14,8 @@ rows, the layer's work outside attention is done by the kernels, on the host's a
 
 so one MLX evaluation a layer remains: attention's (RoPE, the cache, the scores), which stays MLX's, with
 the cache protocol. The same function as `DecoderLayer`'s, to float32 rounding; anything else (training,
-LoRA or tensor-parallel layers, an MoE layer's experts, MLX_QWEN2_KERNELS=off) takes `DecoderLayer`'s own
-path, except that in generation's passes of more rows (prefill) an MLP of quantized or 16-bit weights runs
-a block of its hidden units at a time (`layers.blocked_mlp`), to hold less. Knows nothing of files.
+prefill, LoRA or tensor-parallel layers, an MoE layer's experts, MLX_QWEN2_KERNELS=off) takes
+`DecoderLayer`'s own path. Knows nothing of files.
 """
 
 from __future__ import annotations
@@ -71,11 +70,6 @@ class FusedDecoderLayer(DecoderLayer):
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache) -> mx.array:
         rows = x.size // x.shape[-1]
-        if layers.in_inference() and rows > kernels.MAX_ROWS and type(self.mlp) is MLP:  # prefill
-            h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-            normed = self.post_attention_layernorm(h)
-            y = layers.blocked_mlp(self.mlp, normed)
-            return h + (y if y is not None else self.mlp(normed))
         if not layers.in_inference() or rows > kernels.MAX_ROWS or not kernels.available():
             return super().__call__(x, mask, cache)
         # The CPU embeddings hand the layers float32: other activations, or a tensor-parallel attention, take
@@ -96,7 +90,7 @@ class FusedDecoderLayer(DecoderLayer):
     def _mlp(self, h) -> mx.array:
         """h + mlp(post_attention_layernorm(h)), h (rows, D) float32 on the host."""
         m, norm = self.mlp, _norm(self.post_attention_layernorm)
-        if type(m) is MLP and norm is not None:
+        if type(m) in (MLP, layers.BlockingMLP) and norm is not None:
             gate, up, down = (_operands(p) for p in (m.gate_proj, m.up_proj, m.down_proj))
             if gate is not None and up is not None and down is not None:
                 g, u = kernels.norm_products(h, *norm, [gate, up])

@@ -13,7 +13,7 @@ from ...models.qwen2 import MLP, Attention, DecoderLayer
 from . import elementwise
 from .decoder import FusedDecoderLayer
 from .experts import GroupingSwitchGLU
-from .layers import DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
+from .layers import BlockingMLP, DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
 
 _SWAPS = {
     nn.QuantizedLinear: DequantizingLinear,
@@ -36,9 +36,9 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
     swaps = [(path, retyped(m, _SWAPS[type(m)])) for path, m in model.named_modules() if _wanted(m)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
-    layers = [(path, retyped(m, FusedDecoderLayer)) for path, m in model.named_modules() if type(m) is DecoderLayer]
-    if layers:  # after their children's swaps: a layer holds its children as they are when it is retyped
-        model.update_modules(tree_unflatten(layers))
+    # Each after its children's swaps: a module holds its children as they are when it is retyped.
+    _retype_all(model, MLP, BlockingMLP)
+    _retype_all(model, DecoderLayer, FusedDecoderLayer)
     if elementwise.SLOW_EXP:
         for _, m in model.named_modules():
             if isinstance(m, (MLP, SwitchGLU)):
@@ -46,3 +46,10 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
             elif isinstance(m, Attention):
                 m.exp = elementwise.exp
     return len(swaps)
+
+
+def _retype_all(model: nn.Module, kind: type, cls: type) -> None:
+    """Every module of exactly type `kind` as a `cls`."""
+    found = [(path, retyped(m, cls)) for path, m in model.named_modules() if type(m) is kind]
+    if found:
+        model.update_modules(tree_unflatten(found))

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...models.qwen2 import MLP
 from ...quant.dequantize import dequantize
 from . import blas, kernels
 
@@ -428,6 +429,15 @@ def _block(layer: nn.Module, x: mx.array, rows: slice | None = None, cols: slice
             biases[:, cols.start // group : cols.stop // group],
         )
     return quantized_product(layer.group_size, layer.bits)(x, *params)
+
+
+class BlockingMLP(MLP):
+    """An MLP whose prefill in generation's passes runs in blocks of hidden units (`blocked_mlp`) where it
+    can; elsewhere MLP's own products."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = blocked_mlp(self, x)
+        return y if y is not None else super().__call__(x)
 
 
 class DequantizingLinear(nn.QuantizedLinear):
