@@ -10,6 +10,11 @@ Each step is measured three ways, interleaved, `--rounds` times each (medians): 
 (inside `backends/cpu/layers.inference`: few-row products through the compiled kernels), without the
 kernels (passes of 2-8 tokens split over the CPU streams), and with neither (`SPLIT_TOKENS` emptied:
 OpenBLAS keeps its threads, products padded to 16 rows).
+
+Also given: the rate of the step's matrix products, 2 x rows x the model's matrix weights (every projection
+and the output layer) over the step's time, in GFLOPS, beside the machine's float32 multiply-add peak
+(benchmarks/peak_flops.c, compiled as the kernels are, on every core): how near a batch's step is to being
+bound by compute rather than by the bytes it reads.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from benchmarks.common import ROOT, median_seconds
 from benchmarks.generation import model_folders
@@ -53,7 +61,28 @@ def worker(folder: str, batch: int, keys: int, mode: str) -> None:
         return y
 
     seconds = median_seconds(step, rounds=7)
-    print(json.dumps({"ms": seconds * 1e3, "tokens_per_s": batch / seconds}))
+    print(json.dumps({"ms": seconds * 1e3, "tokens_per_s": batch / seconds, "matrix_weights": matrix_weights(args)}))
+
+
+def matrix_weights(args) -> int:
+    """Weights of every projection and of the output layer: a token's multiply-adds in the products."""
+    d, heads, kv = args.hidden_size, args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
+    head_dim = d // heads
+    attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
+    return args.num_hidden_layers * (attention + 3 * d * args.intermediate_size) + args.vocab_size * d
+
+
+def peak_gflops() -> float | None:
+    """The machine's float32 multiply-add peak on every core (benchmarks/peak_flops.c); None without a compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = str(Path(tmp) / "peak")
+        source = str(Path(__file__).with_name("peak_flops.c"))
+        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", source, "-o", binary], check=True)
+        return max(float(subprocess.run([binary], capture_output=True, text=True, check=True).stdout.split()[0])
+                   for _ in range(3))  # fmt: skip
 
 
 def main() -> None:
@@ -67,10 +96,12 @@ def main() -> None:
     if args.worker:
         return worker(args.worker[0], int(args.worker[1]), args.keys, args.worker[2])
     folders = model_folders(args.models)
+    peak = peak_gflops()
     print(
-        "| model / batch | ms a step | tokens/s | x batch 1 | ms, no kernels (split) | ms, neither | kernels / split |"
+        "| model / batch | ms a step | tokens/s | x batch 1 | products GFLOPS | ms, no kernels (split) | ms, neither "
+        "| kernels / split |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, folder in folders.items():
         first = None
         for b in args.batches:
@@ -80,15 +111,19 @@ def main() -> None:
                     cmd = [sys.executable, "-m", "benchmarks.decode_step", "--keys", str(args.keys)]
                     cmd += ["--worker", str(folder), str(b), mode]
                     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
-                    ms[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    ms[mode].append(result["ms"])
             kernel, split, plain = (statistics.median(ms[mode]) for mode in MODES)
             rate = b / kernel * 1e3
             first = first or rate
+            gflops = 2 * b * result["matrix_weights"] / kernel / 1e6
             print(
-                f"| {name} / {b} | {kernel:.0f} | {rate:.1f} | {rate / first:.2f}x | {split:.0f} | {plain:.0f} "
-                f"| {kernel / split:.2f} |",
+                f"| {name} / {b} | {kernel:.0f} | {rate:.1f} | {rate / first:.2f}x | {gflops:.1f} | {split:.0f} "
+                f"| {plain:.0f} | {kernel / split:.2f} |",
                 flush=True,
             )
+    if peak is not None:
+        print(f"\nThis machine's float32 multiply-add peak (benchmarks/peak_flops.c, every core): {peak:.1f} GFLOPS")
 
 
 if __name__ == "__main__":

@@ -169,20 +169,34 @@ async def level(url: str, clients: int, gen_tokens: int, timeout: float) -> dict
 
 
 def measure(server: str, folder: Path, clients: list[int], gen_tokens: int, timeout: float) -> dict:
+    """Each level on a fresh server. mlx_lm.server (Python's http.server) now and then drops a connection
+    at 16 clients (httpx.ReadError, with nothing in its log): such a level is run once more on a fresh
+    server, and the result says so. Ours gets no second try."""
     out = {}
     for n in clients:
-        proc, url = start(server, folder, max(clients))
-        try:
-            asyncio.run(level(url, 1, 4, timeout))  # warm-up: first-call compilation and allocation
-            out[n] = asyncio.run(level(url, n, gen_tokens, timeout))
-            out[n]["peak_gb"] = peak_rss_gb(proc.pid)
-        except (asyncio.TimeoutError, httpx.HTTPError) as e:
-            timed_out = isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException))
-            out[n] = {"error": f"{type(e).__name__} (over {timeout:g} s)" if timed_out else f"{type(e).__name__}: {e}"}
-        finally:
-            stop(proc)
-        print(f"  {server:26s} {n:3d} clients: {out[n]}", file=sys.stderr, flush=True)
+        for attempt in range(1 if server == "mlx_qwen2" else 2):
+            out[n] = _level_on_fresh(server, folder, max(clients), n, gen_tokens, timeout)
+            if attempt:
+                out[n]["second_try"] = True
+            print(f"  {server:26s} {n:3d} clients: {out[n]}", file=sys.stderr, flush=True)
+            if not out[n].get("dropped"):
+                break
     return out
+
+
+def _level_on_fresh(server: str, folder: Path, most: int, n: int, gen_tokens: int, timeout: float) -> dict:
+    proc, url = start(server, folder, most)
+    try:
+        asyncio.run(level(url, 1, 4, timeout))  # warm-up: first-call compilation and allocation
+        result = asyncio.run(level(url, n, gen_tokens, timeout))
+        result["peak_gb"] = peak_rss_gb(proc.pid)
+        return result
+    except (asyncio.TimeoutError, httpx.HTTPError) as e:
+        timed_out = isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException))
+        error = f"{type(e).__name__} (over {timeout:g} s)" if timed_out else f"{type(e).__name__}: {e}"
+        return {"error": error, "dropped": isinstance(e, httpx.ReadError)}
+    finally:
+        stop(proc)
 
 
 def generate_rate(folder: Path, gen_tokens: int) -> float:
@@ -247,8 +261,9 @@ def table(name: str, results: dict, clients: list[int], generate: float, paired:
             base, peer = ours.get(1, {}).get("tokens_per_s"), results.get(SERVERS[1], {}).get(n, {}).get("tokens_per_s")
             x1 = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
             xp = f"{r['tokens_per_s'] / peer:.2f}x" if peer else ""
+            again = " (second try)" if r.get("second_try") else ""
             lines.append(
-                f"| {server} | {n} | {r['tokens_per_s']:.1f} | {x1} | {xp} | {r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['peak_gb']:.2f} |"
+                f"| {server} | {n} | {r['tokens_per_s']:.1f}{again} | {x1} | {xp} | {r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['peak_gb']:.2f} |"
             )
     one = ours.get(1, {}).get("decode_per_request")
     if one:
