@@ -66,9 +66,8 @@ def worker(folder: str, batch: int, keys: int, mode: str) -> None:
 
 def matrix_weights(args) -> int:
     """Weights of every projection and of the output layer: a token's multiply-adds in the products."""
-    d, heads, kv = args.hidden_size, args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
-    head_dim = d // heads
-    attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
+    d = args.hidden_size
+    attention = 2 * d * (args.num_attention_heads + args.n_kv_heads) * args.head_dim  # q and o; k and v
     return args.num_hidden_layers * (attention + 3 * d * args.intermediate_size) + args.vocab_size * d
 
 
