@@ -31,6 +31,8 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, median_seconds
 from benchmarks.generation import model_folders
+from mlx_qwen2.loader import read_config
+from mlx_qwen2.models.base import ModelArgs
 
 MODES = ("kernels", "split", "plain")
 
@@ -61,10 +63,10 @@ def worker(folder: str, batch: int, keys: int, mode: str) -> None:
         return y
 
     seconds = median_seconds(step, rounds=7)
-    print(json.dumps({"ms": seconds * 1e3, "tokens_per_s": batch / seconds, "matrix_weights": matrix_weights(args)}))
+    print(json.dumps({"ms": seconds * 1e3, "tokens_per_s": batch / seconds}))
 
 
-def matrix_weights(args) -> int:
+def matrix_weights(args: ModelArgs) -> int:
     """Weights of every projection and of the output layer: a token's multiply-adds in the products."""
     d = args.hidden_size
     attention = 2 * d * (args.num_attention_heads + args.n_kv_heads) * args.head_dim  # q and o; k and v
@@ -102,7 +104,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, folder in folders.items():
-        first = None
+        first, weights = None, matrix_weights(ModelArgs.from_dict(read_config(Path(folder))))
         for b in args.batches:
             ms: dict[str, list[float]] = {mode: [] for mode in MODES}
             for _ in range(args.rounds):
@@ -110,12 +112,11 @@ def main() -> None:
                     cmd = [sys.executable, "-m", "benchmarks.decode_step", "--keys", str(args.keys)]
                     cmd += ["--worker", str(folder), str(b), mode]
                     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
-                    result = json.loads(out.stdout.strip().splitlines()[-1])
-                    ms[mode].append(result["ms"])
+                    ms[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
             kernel, split, plain = (statistics.median(ms[mode]) for mode in MODES)
             rate = b / kernel * 1e3
             first = first or rate
-            gflops = 2 * b * result["matrix_weights"] / kernel / 1e6
+            gflops = 2 * b * weights / kernel / 1e6
             print(
                 f"| {name} / {b} | {kernel:.0f} | {rate:.1f} | {rate / first:.2f}x | {gflops:.1f} | {split:.0f} "
                 f"| {plain:.0f} | {kernel / split:.2f} |",
