@@ -135,6 +135,49 @@ def test_prefix_cache_prefills_only_the_new_tokens(loaded, monkeypatch):
     assert [e.token for e in events] == alone(model, tok, second, max_tokens=4)
 
 
+def test_prefix_cache_hits_are_prefilled_together(loaded, monkeypatch):
+    """Hits that wait together go in one pass, each row's pending tokens made as many as the longest's by
+    giving back a few cached ones; a hit with far more new tokens goes in a pass of its own."""
+    model, tok = loaded
+    system = "You are terse. " * 12
+    questions = ["Tell me a joke.", "Name a color.", "Say hi to me now.", "Count."]
+    long = " ".join(["Describe the whole history of the world in great detail, please"] * 5)
+    prompts = [tok.encode(system + q) for q in [*questions, long]]
+    prefix = PrefixCache(max_entries=8)
+    engine = Engine(model, tok, max_batch=8, prefix_cache=prefix)
+    seed = tok.encode(system + "Hello there.")
+    engine.add(Request(seed, GenerationConfig(max_tokens=2)))
+    run(engine)
+    seen = []
+    real = type(model.model).__call__
+
+    def counting(self, inputs, cache=None):
+        seen.append(tuple(inputs.shape))
+        return real(self, inputs, cache)
+
+    monkeypatch.setattr(type(model.model), "__call__", counting)
+    for i, ids in enumerate(prompts):
+        engine.add(Request(ids, GenerationConfig(max_tokens=6), id=i, logprobs=0))
+    events = run(engine)
+    monkeypatch.undo()
+    shared = [next(i for i, (x, y) in enumerate(zip(seed, ids)) if x != y) for ids in prompts]  # cached
+    width = max(len(ids) - n for ids, n in zip(prompts[:4], shared))
+    assert len({len(ids) - n for ids, n in zip(prompts[:4], shared)}) > 1  # some rows give cached tokens back
+    assert seen[0] == (4, width)  # the four short hits in one pass
+    assert seen[1] == (1, len(prompts[4]) - shared[4])  # the long one alone
+    for i, ids in enumerate(prompts):
+        tokens = [e.token for e in events[i]]
+        assert tokens == alone(model, tok, ids, max_tokens=6), i
+        # the log-probabilities of one pass over the whole sequence, no cache: a given-back token kept
+        # twice, or one lost, would shift every row's positions and scores (the tiny model's greedy tokens
+        # alone might not show it)
+        logits = model(mx.array(ids + tokens[:-1])[None])[0, len(ids) - 1 :].astype(mx.float32)
+        expected = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[mx.arange(len(tokens)), mx.array(tokens)]
+        np.testing.assert_allclose([e.logprob for e in events[i]], np.array(expected), atol=1e-4)
+        assert events[i][0].cached_tokens == len(ids) - (width if i < 4 else len(ids) - shared[i])
+    assert prefix.hits == 5
+
+
 def test_prefix_cache_bounds(loaded):
     model, tok = loaded
     prefix = PrefixCache(max_entries=2)

@@ -1,8 +1,8 @@
 """Continuous batching: sequences join and leave a running batch; `batch_generate` for a list of prompts.
 
 The engine keeps a queue of requests, a group in prefill (the waiting prompts that fit in the
-batch, left-padded into one pass and fed a chunk per step; a prompt with a prefix-cache hit goes
-alone, from its cached prefix) and the running batch, which advances one token per step for every
+batch, left-padded into one pass and fed a chunk per step; prompts with prefix-cache hits go in
+groups of their own, each from its cached prefix, see `Engine._hits`) and the running batch, which advances one token per step for every
 sequence in it. Each step runs one prefill chunk, then one decode step of the batch (a chunk that
 ends a prompt hands its first tokens out first, and the decode step comes with the next call), so a
 long prompt delays the others by a chunk at a time, not by its whole length. Sequences whose prompt is
@@ -42,6 +42,8 @@ from .speculative import (
 )
 from .step import check_room, next_logits, pick, sampling_key
 from .text import TextStream
+
+HIT_SLACK = 16  # cached tokens a prefix-cache hit may give back to be prefilled with others (`Engine._hits`)
 
 
 @dataclass
@@ -218,11 +220,12 @@ class Engine:
 
     def _group(self) -> _Prefill:
         """The next sequences to prefill together: as many as the batch has room for, all starting from an
-        empty cache; a sequence with a prefix-cache hit goes alone, from its cached prefix."""
+        empty cache, or prefix-cache hits (`_hits`)."""
         first = self.waiting.popleft()
         self._fetch(first)
         if first.cache is not None:
-            return _Prefill([first], [BatchKVCache.merge([c]) for c in first.cache])
+            hits = self._hits(first)
+            return _Prefill(hits, [BatchKVCache.merge(list(layer)) for layer in zip(*(s.cache for s in hits))])
         group = [first]
         while first.prompt_scores is None and self.waiting and len(self.running) + len(group) < self.max_batch:
             self._fetch(self.waiting[0])
@@ -232,6 +235,35 @@ class Engine:
         width = max(len(s.pending) for s in group)
         pads = [width - len(s.pending) for s in group]
         return _Prefill(group, self.cache_config.make_batch(pads, len(self.model.layers)))
+
+    def _hits(self, first: _Sequence) -> list[_Sequence]:
+        """`first`, a prefix-cache hit, and the hits waiting right after it that one pass can prefill with it.
+
+        Rows in a pass take the same number of new tokens (their cached prefixes are left-padded to one
+        length, and padding only goes first), so a row with fewer pending tokens than the longest gives
+        back its last cached ones, which go through the model again: a sequence joins only while that
+        costs every row at most HIT_SLACK tokens, or a quarter of the longest row's. One pass instead of
+        one per prompt: the weights are read once, and on the CPU a pass of a few rows costs about as much
+        as one of sixteen (requests that share a system prompt arrive together, the server's usual case)."""
+        group = [first]
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
+            seq = self.waiting[0]
+            self._fetch(seq)
+            if seq.cache is None:
+                break  # a miss (or a prompt to score): it starts the next group
+            width = max(len(s.pending) for s in (*group, seq))
+            if any(width - len(s.pending) > min(s.cached, max(HIT_SLACK, width // 4)) for s in (*group, seq)):
+                break
+            group.append(self.waiting.popleft())
+        width = max(len(s.pending) for s in group)
+        for s in group:
+            back = width - len(s.pending)
+            if back:
+                for c in s.cache or []:
+                    c.trim(back)
+                s.cached -= back
+                s.pending = s.request.prompt[s.cached :]
+        return group
 
     @inference()
     def _prefill_chunk(self, group: _Prefill) -> list[Event]:
