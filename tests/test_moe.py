@@ -16,6 +16,8 @@ from safetensors.numpy import load_file, save_file
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from mlx_qwen2 import load, stream_generate
+from mlx_qwen2.backends.cpu import experts as cpu_experts
+from mlx_qwen2.backends.cpu import kernels
 from mlx_qwen2.backends.cpu import layers as cpu_layers
 from mlx_qwen2.backends.cpu.experts import GroupingSwitchGLU
 from mlx_qwen2.backends.cpu.fast import use_fast_layers
@@ -364,6 +366,44 @@ def test_cpu_experts_compute_what_mlx_computes(tokens, kind, split, monkeypatch)
     if kind == "float32":
         ours, theirs = (mx.grad(lambda v, g=g: loss(g, v))(x) for g in (holder.glu, plain))
         np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_rows", [None, 8], ids=["", "some-by-blas"])  # groups past KERNEL_ROWS: BLAS
+@pytest.mark.parametrize("tokens", [1, 3, 40, 150])
+@pytest.mark.parametrize("kind", ["bfloat16", "4bit", "8bit", "2bit"])
+def test_cpu_experts_in_generation_passes_go_to_the_kernels(tokens, kind, kernel_rows, monkeypatch):
+    """In generation's passes (`layers.inference`) quantized and 16-bit experts' grouped products run on the
+    compiled kernels: the same outputs as MLX's gathered products outside them, and no float32 copy made."""
+    if not kernels.available():
+        pytest.skip("no C compiler: the kernels are not built (the layers keep MLX's products)")
+    if kernel_rows is not None:
+        monkeypatch.setattr(cpu_experts, "KERNEL_ROWS", kernel_rows)
+    copies = []
+    real = cpu_experts._expert_floats
+    monkeypatch.setattr(
+        cpu_experts, "_expert_floats", lambda p: [lambda e, a, f=f: copies.append(e) or f(e, a) for f in real(p)]
+    )
+    mx.random.seed(2)
+    plain, holder = SwitchGLU(128, 64, 8), nn.Module()
+    holder.glu = SwitchGLU(128, 64, 8)
+    holder.glu.update(plain.parameters())
+    for glu in (plain, holder.glu):
+        if kind == "bfloat16":
+            glu.set_dtype(mx.bfloat16)
+        else:
+            nn.quantize(glu, group_size=64, bits=int(kind[0]))
+    if kind == "bfloat16":
+        plain.set_dtype(mx.float32)  # MLX's CPU gather_mm takes float32 only
+    assert use_fast_layers(holder, mx.Device(mx.cpu)) == 1
+    x = mx.random.normal((1, tokens, 128))
+    experts = mx.random.randint(0, 6, (1, tokens, 2))
+    with cpu_layers.inference():
+        ours = holder.glu(x.astype(mx.bfloat16) if kind == "bfloat16" else x, experts)
+    np.testing.assert_allclose(
+        np.array(ours.astype(mx.float32)), np.array(plain(x, experts)), atol=2e-2 if kind == "bfloat16" else 1e-4
+    )
+    busiest = int(np.bincount(np.array(experts).reshape(-1)).max())
+    assert bool(copies) == (busiest > cpu_experts.KERNEL_ROWS)  # float32 copies and BLAS only past it
 
 
 def test_the_server_serves_moe(moe_plain):

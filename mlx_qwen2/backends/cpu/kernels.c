@@ -255,7 +255,7 @@ static float *permute(int rows, int K, const float *x, int bits) {
 /* ys[i] (rows x N_i) = x (rows x K) @ W_i.T (+ bias_i) for `count` matrices sharing x, their blocks of
  * rows shared out over the threads as one range, in chunks. Returns 0, or -1
  * where memory ran out (the ys then partly written). */
-static int products(int rows, int K, const float *x, int count, const struct matrix *ms, float *const *ys,
+int products(int rows, int K, const float *x, int count, const struct matrix *ms, float *const *ys,
                     int threads) {
     struct job jobs[MAX_MATRICES];
     float *permuted[9] = {0}; /* by bits */
@@ -348,7 +348,8 @@ int norm_products(int rows, int K, const float *x, const void *norm, int norm_ki
 }
 
 /* y (rows x N) = residual + a @ W.T, a = x, or silu(gate) * x where gate is given (both rows x K): the end
- * of an attention block (o_proj) or of an MLP (down_proj). SiLU as x / (1 + e^-x). Returns 0, or -1. */
+ * of an attention block (o_proj) or of an MLP (down_proj); without a residual, a @ W.T (an expert's
+ * down_proj). SiLU as x / (1 + e^-x). Returns 0, or -1. */
 int residual_product(int rows, int K, const float *gate, const float *x, const float *residual,
                      const struct matrix *m, float *y, int threads) {
     float *a = NULL;
@@ -363,7 +364,7 @@ int residual_product(int rows, int K, const float *gate, const float *x, const f
     }
     const int status = products(rows, K, a ? a : x, 1, m, &y, threads);
     free(a);
-    if (status == 0)
+    if (status == 0 && residual)
         for (size_t i = 0; i < (size_t)rows * m->N; i++) y[i] += residual[i];
     return status;
 }

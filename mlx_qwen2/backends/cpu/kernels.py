@@ -108,6 +108,7 @@ def _library() -> ctypes.CDLL | None:
         library.supported.argtypes = [i, i, i, i, i]
         library.norm_products.argtypes = [i, i, ptr, ptr, i, f, i, matrix, ctypes.POINTER(ptr), i]
         library.residual_product.argtypes = [i, i, ptr, ptr, ptr, matrix, ptr, i]
+        library.products.argtypes = [i, i, ptr, i, matrix, ctypes.POINTER(ptr), i]
     return library
 
 
@@ -244,26 +245,53 @@ class Operands:
             + ([_bits(scales), _bits(biases)] if quantized else [])
             + ([_bits(bias)] if bias is not None else [])
         )
-        self.host = _host(*arrays)  # kept: the struct points into them
-        ws, rest = self.host[0], self.host[1:]
+        host = _host(*arrays)
+        ws, rest = host[0], host[1:]
         ss, bs = (rest[0], rest[1]) if quantized else (None, None)
         b = rest[-1] if bias is not None else None
-        self.matrix = Matrix(
+        self._set(
+            ws,
             QUANTIZED if quantized else KINDS[w.dtype],
+            (ss, bs, KINDS[scales.dtype], group_size, bits) if quantized else None,
+            (b, KINDS[bias.dtype]) if bias is not None else None,
+        )
+
+    def _set(self, w: np.ndarray, kind: int, quantized: tuple | None, bias: tuple | None) -> None:
+        ss, bs, sdtype, group_size, bits = quantized or (None, None, 0, 0, 0)
+        b, bias_kind = bias or (None, 0)
+        self.host = [a for a in (w, ss, bs, b) if a is not None]  # kept: the struct points into them
+        self.matrix = Matrix(
+            kind,
             w.shape[0],
-            ws.ctypes.data,
+            w.ctypes.data,
             ss.ctypes.data if ss is not None else None,
             bs.ctypes.data if bs is not None else None,
-            KINDS[scales.dtype] if quantized else 0,
+            sdtype,
             group_size,
             bits,
             b.ctypes.data if b is not None else None,
-            KINDS[bias.dtype] if bias is not None else 0,
+            bias_kind,
         )
 
     @property
     def outputs(self) -> int:
         return self.matrix.N
+
+
+def stacked(
+    w: mx.array, scales: mx.array | None = None, biases: mx.array | None = None, group_size: int = 0, bits: int = 0
+) -> list[Operands]:
+    """Each matrix of stacked weights (experts, out, in), one `Operands` each, all read from one evaluation."""
+    quantized = scales is not None
+    host = _host(*([_bits(w), _bits(scales), _bits(biases)] if quantized else [_bits(w)]))
+    kind = QUANTIZED if quantized else KINDS[w.dtype]
+    operands = []
+    for e in range(w.shape[0]):
+        one = Operands.__new__(Operands)
+        rest = (host[1][e], host[2][e], KINDS[scales.dtype], group_size, bits) if quantized else None
+        one._set(host[0][e], kind, rest, None)
+        operands.append(one)
+    return operands
 
 
 def host(x: mx.array) -> np.ndarray:
@@ -307,11 +335,25 @@ def norm_products(
     return ys
 
 
+def products(x: np.ndarray, matrices: list[Operands]) -> list[np.ndarray]:
+    """x @ W_i.T (+ bias_i) for each matrix, x (rows, in) float32 on the host, in one call (an expert's gate
+    and up). Only for matrices `supported` takes."""
+    library = _library()
+    assert library is not None and 1 <= len(matrices) <= 4
+    rows = x.shape[0]
+    ys = [np.empty((rows, m.outputs), np.float32) for m in matrices]
+    structs = (Matrix * len(matrices))(*[m.matrix for m in matrices])
+    pointers = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+    _check(library.products(rows, x.shape[1], x.ctypes.data, len(matrices), structs, pointers, _threads()))
+    return ys
+
+
 def residual_product(
-    x: np.ndarray, residual: np.ndarray, matrix: Operands, gate: np.ndarray | None = None
+    x: np.ndarray, residual: np.ndarray | None, matrix: Operands, gate: np.ndarray | None = None
 ) -> np.ndarray:
     """residual + a @ W.T, a = x or silu(gate) * x (rows, in), float32 on the host: the end of an attention
-    block (o_proj) or of an MLP (down_proj), in one call. Only for a matrix `supported` takes."""
+    block (o_proj) or of an MLP (down_proj), in one call; without a residual, a @ W.T (an expert's
+    down_proj). Only for a matrix `supported` takes."""
     library = _library()
     assert library is not None
     rows = x.shape[0]
@@ -322,7 +364,7 @@ def residual_product(
             x.shape[1],
             gate.ctypes.data if gate is not None else None,
             x.ctypes.data,
-            residual.ctypes.data,
+            residual.ctypes.data if residual is not None else None,
             ctypes.byref(matrix.matrix),
             y.ctypes.data,
             _threads(),
