@@ -370,10 +370,10 @@ def test_cpu_experts_compute_what_mlx_computes(tokens, kind, split, monkeypatch)
 
 @pytest.mark.parametrize("kernel_rows", [None, 8], ids=["", "some-by-blas"])  # groups past KERNEL_ROWS: BLAS
 @pytest.mark.parametrize("tokens", [1, 3, 40, 150])
-@pytest.mark.parametrize("kind", ["bfloat16", "4bit", "8bit", "2bit"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit", "2bit"])
 def test_cpu_experts_in_generation_passes_go_to_the_kernels(tokens, kind, kernel_rows, monkeypatch):
-    """In generation's passes (`layers.inference`) quantized and 16-bit experts' grouped products run on the
-    compiled kernels: the same outputs as MLX's gathered products outside them, and no float32 copy made."""
+    """In generation's passes (`layers.inference`) the experts' grouped products run on the compiled kernels:
+    the same outputs as MLX's gathered products outside them, and no float32 copy (or BLAS product) made."""
     if not kernels.available():
         pytest.skip("no C compiler: the kernels are not built (the layers keep MLX's products)")
     if kernel_rows is not None:
@@ -390,7 +390,7 @@ def test_cpu_experts_in_generation_passes_go_to_the_kernels(tokens, kind, kernel
     for glu in (plain, holder.glu):
         if kind == "bfloat16":
             glu.set_dtype(mx.bfloat16)
-        else:
+        elif kind != "float32":
             nn.quantize(glu, group_size=64, bits=int(kind[0]))
     if kind == "bfloat16":
         plain.set_dtype(mx.float32)  # MLX's CPU gather_mm takes float32 only
