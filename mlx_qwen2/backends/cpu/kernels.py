@@ -314,6 +314,14 @@ def _check(status: int) -> None:
         raise MemoryError("few-row product: out of memory for its row buffers")
 
 
+def _outputs(rows: int, matrices: list[Operands]) -> tuple[list[np.ndarray], ctypes.Array, ctypes.Array]:
+    """The result arrays of a call over several matrices, with the C arrays of their structs and pointers."""
+    ys = [np.empty((rows, m.outputs), np.float32) for m in matrices]
+    structs = (Matrix * len(matrices))(*[m.matrix for m in matrices])
+    pointers = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+    return ys, structs, pointers
+
+
 def norm_products(
     x: np.ndarray, norm: tuple[np.ndarray, int], eps: float, matrices: list[Operands]
 ) -> list[np.ndarray]:
@@ -323,9 +331,7 @@ def norm_products(
     library = _library()
     assert library is not None and 1 <= len(matrices) <= 4
     rows = x.shape[0]
-    ys = [np.empty((rows, m.outputs), np.float32) for m in matrices]
-    structs = (Matrix * len(matrices))(*[m.matrix for m in matrices])
-    pointers = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+    ys, structs, pointers = _outputs(rows, matrices)
     weight, kind = norm
     _check(
         library.norm_products(
@@ -341,9 +347,7 @@ def products(x: np.ndarray, matrices: list[Operands]) -> list[np.ndarray]:
     library = _library()
     assert library is not None and 1 <= len(matrices) <= 4
     rows = x.shape[0]
-    ys = [np.empty((rows, m.outputs), np.float32) for m in matrices]
-    structs = (Matrix * len(matrices))(*[m.matrix for m in matrices])
-    pointers = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+    ys, structs, pointers = _outputs(rows, matrices)
     _check(library.products(rows, x.shape[1], x.ctypes.data, len(matrices), structs, pointers, _threads()))
     return ys
 
