@@ -329,6 +329,21 @@ def test_gguf_import_gives_transformers_tensors(tmp_path, dense):
         np.testing.assert_array_equal(np.array(ours[key]), np.array(value), err_msg=key)
 
 
+def glu_pair(dim: int, hidden: int, kind: str, group_size: int) -> tuple[SwitchGLU, nn.Module]:
+    """Two SwitchGLUs of 8 experts with the same weights, of `kind`: MLX's own, and one in a holder given the
+    CPU layers (`holder.glu`, a GroupingSwitchGLU)."""
+    plain, holder = SwitchGLU(dim, hidden, 8), nn.Module()
+    holder.glu = SwitchGLU(dim, hidden, 8)
+    holder.glu.update(plain.parameters())
+    for glu in (plain, holder.glu):
+        if kind == "bfloat16":
+            glu.set_dtype(mx.bfloat16)
+        elif kind != "float32":
+            nn.quantize(glu, group_size=group_size, bits=int(kind[0]))
+    assert use_fast_layers(holder, mx.Device(mx.cpu)) == 1 and type(holder.glu) is GroupingSwitchGLU
+    return plain, holder
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["", "split"])  # as in a pass of 2-8 tokens (layers.pace)
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # gathered (decode) and grouped by expert (prefill)
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit", "8bit"])
@@ -339,15 +354,7 @@ def test_cpu_experts_compute_what_mlx_computes(tokens, kind, split, monkeypatch)
     monkeypatch.setattr(cpu_layers, "_streams", lambda: streams)
     monkeypatch.setattr(cpu_layers, "_split", split)
     mx.random.seed(1)
-    plain, holder = SwitchGLU(64, 32, 8), nn.Module()
-    holder.glu = SwitchGLU(64, 32, 8)
-    holder.glu.update(plain.parameters())
-    for glu in (plain, holder.glu):
-        if kind == "bfloat16":
-            glu.set_dtype(mx.bfloat16)
-        elif kind != "float32":
-            nn.quantize(glu, group_size=32, bits=int(kind[0]))
-    assert use_fast_layers(holder, mx.Device(mx.cpu)) == 1 and type(holder.glu) is GroupingSwitchGLU
+    plain, holder = glu_pair(64, 32, kind, group_size=32)
     x = mx.random.normal((2, tokens, 64))
     experts = mx.random.randint(0, 6, (2, tokens, 2))
 
@@ -384,17 +391,9 @@ def test_cpu_experts_in_generation_passes_go_to_the_kernels(tokens, kind, kernel
         cpu_experts, "_expert_floats", lambda p: [lambda e, a, f=f: copies.append(e) or f(e, a) for f in real(p)]
     )
     mx.random.seed(2)
-    plain, holder = SwitchGLU(128, 64, 8), nn.Module()
-    holder.glu = SwitchGLU(128, 64, 8)
-    holder.glu.update(plain.parameters())
-    for glu in (plain, holder.glu):
-        if kind == "bfloat16":
-            glu.set_dtype(mx.bfloat16)
-        elif kind != "float32":
-            nn.quantize(glu, group_size=64, bits=int(kind[0]))
+    plain, holder = glu_pair(128, 64, kind, group_size=64)
     if kind == "bfloat16":
         plain.set_dtype(mx.float32)  # MLX's CPU gather_mm takes float32 only
-    assert use_fast_layers(holder, mx.Device(mx.cpu)) == 1
     x = mx.random.normal((1, tokens, 128))
     experts = mx.random.randint(0, 6, (1, tokens, 2))
     with cpu_layers.inference():
