@@ -285,30 +285,37 @@ def test_silu_of_the_fused_call_across_float32s_range():
     np.testing.assert_allclose(y, exact, rtol=3e-7, atol=1e-35)  # e^-x capped at e^88, as elementwise.silu caps it
 
 
-@needs_kernels
-@pytest.mark.parametrize("tiny", ["untied", "tied"], indirect=True)
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit"])
-def test_the_fused_decoder_layer_equals_the_layer(tiny, kind, monkeypatch):
-    """A decode pass of a batch (kernels on) through `decoder.FusedDecoderLayer`'s four calls a layer gives
-    the logits of `DecoderLayer`'s own path to float32 rounding; it takes that path outside `inference`."""
+def decoding_batch(folder, kind: str, seed: int) -> tuple[nn.Module, list, mx.array]:
+    """The model in `folder` as `kind` (float32, bfloat16, 4bit) with the CPU layers, random caches of 6
+    positions for a batch of 5 rows, and one next token a row: a decode pass for the fused layer's tests."""
     from mlx_qwen2 import load
     from mlx_qwen2.backends.cpu import decoder
-    from mlx_qwen2.cache.batch import BatchKVCache
-    from mlx_qwen2.models.qwen2 import DecoderLayer
     from mlx_qwen2.quant.affine import quantize_model
 
-    model, _ = load(tiny)
+    model, _ = load(folder)
     if kind == "bfloat16":
         model.set_dtype(mx.bfloat16)
     elif kind == "4bit":
         quantize_model(model, group_size=32, bits=4)
         use_fast_layers(model, mx.Device(mx.cpu))
     assert all(type(layer) is decoder.FusedDecoderLayer for layer in model.layers)
-    args, rows = model.args, 5
-    mx.random.seed(3)
-    shape = (rows, args.n_kv_heads, 6, args.head_dim)
+    mx.random.seed(seed)
+    shape = (5, model.args.n_kv_heads, 6, model.args.head_dim)
     kv = [(mx.random.normal(shape), mx.random.normal(shape)) for _ in model.layers]
-    tokens = mx.array([[3], [17], [250], [9], [77]])
+    return model, kv, mx.array([[3], [17], [250], [9], [77]])
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiny", ["untied", "tied"], indirect=True)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit"])
+def test_the_fused_decoder_layer_equals_the_layer(tiny, kind, monkeypatch):
+    """A decode pass of a batch (kernels on) through `decoder.FusedDecoderLayer`'s four calls a layer gives
+    the logits of `DecoderLayer`'s own path to float32 rounding; it takes that path outside `inference`."""
+    from mlx_qwen2.backends.cpu import decoder
+    from mlx_qwen2.cache.batch import BatchKVCache
+    from mlx_qwen2.models.qwen2 import DecoderLayer
+
+    model, kv, tokens = decoding_batch(tiny, kind, seed=3)
     calls = []
     real = kernels.norm_products
     monkeypatch.setattr(kernels, "norm_products", lambda *a: calls.append(1) or real(*a))

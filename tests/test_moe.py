@@ -31,6 +31,7 @@ from mlx_qwen2.models.experts import SORT_PAIRS, QuantizedSwitchLinear, SwitchGL
 from mlx_qwen2.models.qwen2_moe import SparseMoeBlock
 from mlx_qwen2.quant.affine import ROUTER_BITS
 from tests.serving import ServerProcess
+from tests.test_kernels import decoding_batch
 from tests.test_server import ask, chat_ids, greedy
 from tests.tiny import hf_greedy, hf_logits, hf_model, make_moe_checkpoint
 from tests.tiny_gguf import write_gguf
@@ -403,6 +404,38 @@ def test_cpu_experts_in_generation_passes_go_to_the_kernels(tokens, kind, kernel
     )
     busiest = int(np.bincount(np.array(experts).reshape(-1)).max())
     assert bool(copies) == (busiest > cpu_experts.KERNEL_ROWS)  # float32 copies and BLAS only past it
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit"])
+def test_the_fused_layer_runs_moe_blocks_on_the_kernels(moe, kind, monkeypatch):
+    """A decode pass of a batch through `decoder.FusedDecoderLayer` computes each sparse block on the host
+    (router, shared expert and experts through the kernels, no MLX operation): the logits of the plain
+    layers' path to float32 rounding, and the same next tokens."""
+    if not kernels.available():
+        pytest.skip("no C compiler: the kernels are not built (the layers keep MLX's products)")
+    from mlx_qwen2.backends.cpu import decoder
+    from mlx_qwen2.cache.batch import BatchKVCache
+    from mlx_qwen2.models.qwen2 import DecoderLayer
+
+    model, kv, tokens = decoding_batch(moe, kind, seed=4)
+    plain_blocks = []
+    real_call = SparseMoeBlock.__call__
+    monkeypatch.setattr(SparseMoeBlock, "__call__", lambda *a: plain_blocks.append(1) or real_call(*a))
+
+    def logits(fused: bool) -> np.ndarray:
+        cache = [BatchKVCache(k, v, [0, 2, 0, 1, 0]) for k, v in kv]
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(decoder.FusedDecoderLayer, "__call__", DecoderLayer.__call__)
+            with cpu_layers.inference():
+                return np.array(model(tokens, cache=cache).astype(mx.float32))
+
+    fused = logits(True)
+    assert not plain_blocks  # every sparse block on the host
+    unfused = logits(False)
+    assert len(plain_blocks) == sum(isinstance(layer.mlp, SparseMoeBlock) for layer in model.layers)
+    np.testing.assert_allclose(fused, unfused, atol=1e-4 * np.abs(unfused).max())
+    assert (fused.argmax(-1) == unfused.argmax(-1)).all()
 
 
 def test_the_server_serves_moe(moe_plain):

@@ -20,9 +20,11 @@ quantized kernel runs on one thread. So on CPU:
   never a float32 copy of an expert, on every core). 4-bit, against a copy
   and BLAS: 1.3-2x faster at 64 rows (a group's usual size in a 256-token
   prefill of 16 experts top 4), ~4x at 16 (a batch decoding); one token
-  decodes 1.6x faster than on the streams above. float32: decode 1.15x and
-  prefill 1.1x faster than MLX's gathered products and BLAS (the benchmark's
-  model, ad-hoc).
+  decodes 1.6x faster than on the streams above (both before the kernels'
+  bytes were widened in one instruction, which made one-row 4-bit products
+  ~3x faster). float32: decode 1.15x and prefill 1.1x faster than MLX's
+  gathered products and BLAS (the benchmark's model, ad-hoc). A decoder
+  layer decoding takes its experts through `host_mixture` instead.
 
 Adapters on the experts (LoRA) take MLX's gathered path. Knows nothing of files.
 """
@@ -148,13 +150,43 @@ def _grouped(
 def _kernel_operands(projections: tuple[nn.Module, ...]) -> list[list[kernels.Operands]] | None:
     """Each projection's experts as kernel operands, where the kernels take the grouped products (see the
     module docstring: in generation's passes, experts the kernels take), else None."""
-    if not in_inference():
-        return None
+    return stacked_operands(projections) if in_inference() else None
+
+
+def stacked_operands(projections: tuple[nn.Module, ...]) -> list[list[kernels.Operands]] | None:
+    """Each projection's experts as kernel operands (kept on the projection while its weights stay the same
+    arrays: made once, not every pass), or None if the kernels do not take one of them."""
     operands = []
     for p in projections:
         quantized = (p.scales, p.biases, p.group_size, p.bits) if isinstance(p, QuantizedSwitchLinear) else ()
-        scales = (p.scales[0], p.group_size, p.bits) if quantized else ()
-        if not kernels.supported(1, p.weight[0], *scales):  # one expert's matrix (any rows: one for the check)
+        ops = kernels.kept(p, (p.weight, *quantized[:2]), lambda p=p, q=quantized: _stacked(p, q))
+        if ops is None:
             return None
-        operands.append(kernels.stacked(p.weight, *quantized))
+        operands.append(ops)
     return operands
+
+
+def _stacked(p: nn.Module, quantized: tuple) -> list[kernels.Operands] | None:
+    scales = (quantized[0][0], *quantized[2:]) if quantized else ()
+    if not kernels.supported(1, p.weight[0], *scales):  # one expert's matrix (any rows: one for the check)
+        return None
+    return kernels.stacked(p.weight, *quantized)
+
+
+def host_mixture(glu: nn.Module, x: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+    """sum_j weights[:, j] * expert_{experts[:, j]}(x) for x (rows, D) float32 on the host, its experts and
+    their weights (rows, k): each expert's rows through the kernels (an MoE decoder layer's experts in
+    `decoder.FusedDecoderLayer`); None where the kernels do not take these experts (adapters on them)."""
+    projections = (glu.gate_proj, glu.up_proj, glu.down_proj)
+    if type(glu) is not GroupingSwitchGLU or not all(type(p) in PLAIN for p in projections):
+        return None
+    operands = stacked_operands(projections)
+    if operands is None:
+        return None
+    gate, up, down = operands
+    y = np.zeros_like(x)
+    for e in np.unique(experts):
+        rows, slot = np.nonzero(experts == e)  # a token's k experts are distinct: each row once
+        g, u = kernels.products(np.ascontiguousarray(x[rows]), [gate[e], up[e]])
+        y[rows] += weights[rows, slot, None] * kernels.residual_product(u, None, down[e], gate=g)
+    return y

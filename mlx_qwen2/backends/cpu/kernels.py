@@ -24,7 +24,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +37,7 @@ MAX_ROWS = 16
 KINDS = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}  # the weight's kind; 3: quantized
 QUANTIZED = 3
 OFF = ("off", "0", "none")
+T = TypeVar("T")
 
 
 def _cache_dir() -> Path:
@@ -292,6 +295,18 @@ def stacked(
         one._set(host[0][e], kind, rest, None)
         operands.append(one)
     return operands
+
+
+def kept(owner: object, params: tuple, make: Callable[[], T]) -> T:
+    """make() (a layer's operands), kept on `owner` while its parameters `params` stay the same arrays:
+    loading weights and training's updates replace the arrays, and are seen; writing into a weight in place
+    (`w[i] = v`) is not, and is not something generation's callers do."""
+    held = owner.__dict__.get("_kernel_operands")
+    if held is not None and len(held[0]) == len(params) and all(a is b for a, b in zip(held[0], params)):
+        return held[1]
+    made = make()
+    owner.__dict__["_kernel_operands"] = (params, made)
+    return made
 
 
 def host(x: mx.array) -> np.ndarray:
