@@ -99,10 +99,11 @@ class FusedDecoderLayer(DecoderLayer):
 def _sparse_block(m: SparseMoeBlock, norm: tuple[tuple, float], h: np.ndarray) -> np.ndarray | None:
     """h + m(rms_norm(h)) for an MoE layer's block, h (rows, D) float32 on the host, with no MLX operation:
 
-        r, sg, su, s = rms_norm(h) @ (W_router, Wg_shared, Wu_shared, W_shared_gate)   (kernels.norm_products)
-        experts, weights = top k of softmax(r)                                             (numpy)
-        e = sum of weights * expert(rms_norm(h)) over each row's experts                  (experts.host_mixture)
-        y = h + e + (silu(sg) * su * sigmoid(s)) @ Wd_shared                              (kernels.residual_product)
+        x = rms_norm(h)                                                      (numpy)
+        r, sg, su, s = x @ (W_router, Wg_shared, Wu_shared, W_shared_gate)   (kernels.products)
+        experts, weights = top k of softmax(r)                               (numpy)
+        e = sum of weights * expert(x) over each row's experts               (experts.host_mixture)
+        y = h + e + (silu(sg) * su * sigmoid(s)) @ Wd_shared                 (kernels.residual_product)
 
     (the shared expert's scale sigmoid(s), one number a row, is moved before its down_proj). None where the
     kernels do not take one of its layers."""
@@ -115,14 +116,14 @@ def _sparse_block(m: SparseMoeBlock, norm: tuple[tuple, float], h: np.ndarray) -
         return None
     (weight, kind), eps = norm
     x = h * (1 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + eps)) * _float32(weight, kind)
-    logits, sg, su, s = kernels.norm_products(h, *norm, first)
+    logits, sg, su, s = kernels.products(x, first)  # x is also the experts' input
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     experts = np.argpartition(-probs, m.top_k - 1, axis=-1)[:, : m.top_k]
     weights = np.take_along_axis(probs, experts, axis=-1)
     if m.norm_topk_prob:
         weights /= weights.sum(axis=-1, keepdims=True)
-    routed = host_mixture(m.switch_mlp, x.astype(np.float32), experts, weights)
+    routed = host_mixture(m.switch_mlp, x, experts, weights)
     if routed is None:
         return None
     scaled = su / (1 + np.exp(-s))
