@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -158,34 +159,46 @@ def test_exponentials_through_power_match_mlx():
     np.testing.assert_allclose(np.array(elementwise.exp(x)), np.array(mx.exp(x)), rtol=4e-6)
 
 
-def test_explicit_attention_equals_mlx_fused_one(tiny_untied, monkeypatch):
+@pytest.mark.parametrize("exp", ["power", "kernels"])
+def test_explicit_attention_equals_mlx_fused_one(tiny_untied, exp, monkeypatch):
     """The model with SiLU and e^x of elementwise.py (set where MLX's exp is slow: explicit attention scores)
     gives the logits of MLX's fused attention and SiLU: a long prompt (its scores in blocks), then a batch of
-    rows of different lengths (masked padding)."""
+    rows of different lengths (masked padding); e^x through mx.power, or (in generation's passes, blocks of
+    HOST_EXP scores or more) through the kernels."""
     from mlx_qwen2 import load
+    from mlx_qwen2.backends.cpu import kernels
     from mlx_qwen2.cache import make_cache
     from mlx_qwen2.cache.batch import BatchKVCache
     from mlx_qwen2.models import base
 
+    if exp == "kernels" and not kernels.available():
+        pytest.skip("no C compiler: the kernels are not built")
+    f_exp = elementwise.attention_exp if exp == "kernels" else elementwise.exp
     plain, _ = load(tiny_untied)
     ours, _ = load(tiny_untied)
     for model, fast_exp in ((plain, False), (ours, True)):
         for _, m in model.named_modules():  # whatever this machine is: one of each
-            for name, f in (("silu", elementwise.silu), ("exp", elementwise.exp)):
+            for name, f in (("silu", elementwise.silu), ("exp", f_exp)):
                 if hasattr(m, name):
                     setattr(m, name, f) if fast_exp else m.__dict__.pop(name, None)
-    assert ours.layers[0].self_attn.exp is elementwise.exp and plain.layers[0].self_attn.exp is None
+    assert ours.layers[0].self_attn.exp is f_exp and plain.layers[0].self_attn.exp is None
     monkeypatch.setattr(base, "SCORES_BLOCK", 40)  # blocks of a few queries
+    monkeypatch.setattr(elementwise, "HOST_EXP", 16)  # the prompt's blocks (4 heads x 1 query x 36 keys)
+    on_host = []
+    real = kernels.exp
+    monkeypatch.setattr(kernels, "exp", lambda x: on_host.append(x.size) or real(x))
     ids = mx.array([[5, 9, 2, 7, 1, 30, 4, 8, 11] * 4])
     logits = []
     for model in (plain, ours):
-        cache = make_cache(len(model.layers))
-        first = model(ids, cache=cache)
-        other = make_cache(len(model.layers))  # a shorter row joins: left padding, masked
-        model(ids[:, :4], cache=other)
-        batch = [BatchKVCache.merge([c, o]) for c, o in zip(cache, other, strict=True)]
-        step = model(mx.array([[3], [6]]), cache=batch)
+        with fast.inference() if exp == "kernels" else contextlib.nullcontext():
+            cache = make_cache(len(model.layers))
+            first = model(ids, cache=cache)
+            other = make_cache(len(model.layers))  # a shorter row joins: left padding, masked
+            model(ids[:, :4], cache=other)
+            batch = [BatchKVCache.merge([c, o]) for c, o in zip(cache, other, strict=True)]
+            step = model(mx.array([[3], [6]]), cache=batch)
         logits.append(np.concatenate([np.array(first).reshape(-1), np.array(step).reshape(-1)]))
+    assert bool(on_host) == (exp == "kernels")
     np.testing.assert_allclose(logits[1], logits[0], atol=2e-5)
 
 
@@ -195,7 +208,7 @@ def test_exponentials_are_set_where_mlx_exp_is_slow(tiny_untied):
 
     model, _ = load(tiny_untied)
     layer = model.layers[0]
-    assert (layer.self_attn.exp is elementwise.exp) == elementwise.SLOW_EXP
+    assert (layer.self_attn.exp is elementwise.attention_exp) == elementwise.SLOW_EXP
     assert (layer.mlp.silu is elementwise.silu) == elementwise.SLOW_EXP
     plain, _ = load(tiny_untied, fast=False)
     assert plain.layers[0].self_attn.exp is None and plain.layers[0].mlp.silu is nn.silu
@@ -434,3 +447,47 @@ def test_a_prefill_runs_the_mlps_in_blocks_and_gives_the_same_logits(tiny_untied
         blocked = np.array(model(tokens).astype(mx.float32))
     assert len(blocks) == len(model.layers) * 3 * 2
     np.testing.assert_allclose(blocked, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "4bit"])
+def test_prefill_passes_are_short_where_the_kernels_take_the_products(tiny_untied, kind, monkeypatch):
+    """A quantized or 16-bit model's prompt runs in passes of at most PASS_ROWS tokens (the kernels take
+    their products; float32 keeps the caller's chunks), with the cache and next tokens of one long pass."""
+    import itertools
+
+    from mlx_qwen2 import load
+    from mlx_qwen2.cache import make_cache
+    from mlx_qwen2.generation import generate_step
+    from mlx_qwen2.quant.affine import quantize_model
+    from mlx_qwen2.sample import greedy
+
+    if not fast.kernels.available():
+        pytest.skip("no C compiler: the kernels are not built")
+    model, _ = load(tiny_untied)
+    if kind == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    elif kind == "4bit":
+        quantize_model(model, group_size=32, bits=4)
+    use_fast_layers(model, mx.Device(mx.cpu))
+    monkeypatch.setattr(fast, "PASS_ROWS", 8)
+    prompt = mx.array([(7 * i + 3) % 400 for i in range(30)])
+
+    def run(wide: bool) -> tuple[list[int], list[int], np.ndarray]:
+        if kind != "float32":
+            model.__dict__["_wide_kernels"] = wide
+        cache, passes = make_cache(len(model.layers)), []
+        steps = generate_step(
+            prompt, model, cache, greedy, prefill_step_size=512, after=lambda c: passes.append(c[0].offset)
+        )
+        tokens = list(itertools.islice(steps, 4))
+        return tokens, passes, np.array(cache[0].state[0][..., :30, :])
+
+    tokens, passes, keys = run(True)
+    if kind == "float32":
+        assert passes[:1] == [30]  # the whole prompt in one pass
+        return
+    assert passes[:4] == [8, 16, 24, 30]
+    one_pass = run(False)
+    assert one_pass[1][:1] == [30]
+    assert tokens == one_pass[0]
+    np.testing.assert_allclose(keys, one_pass[2], atol=1e-4)

@@ -42,7 +42,7 @@ def test_float_products_equal_the_exact_product(rows, dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 4, 7, 16, 61, 256])  # past MAX_ROWS: a prefill's (WIDE_ROWS)
 @pytest.mark.parametrize("bits, group_size", [(2, 64), (2, 128), (4, 32), (4, 64), (8, 32), (8, 128)])
 @pytest.mark.parametrize("scale_dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_quantized_products_equal_the_exact_product(rows, bits, group_size, scale_dtype):
@@ -61,7 +61,9 @@ def test_quantized_products_equal_the_exact_product(rows, bits, group_size, scal
 @needs_kernels
 def test_what_the_kernels_do_not_take():
     w = mx.zeros((8, 96))
-    assert not kernels.supported(kernels.MAX_ROWS + 1, w)  # prefill: BLAS
+    assert not kernels.supported(kernels.MAX_ROWS + 1, w)  # float32 prefill: BLAS
+    assert kernels.supported(kernels.WIDE_ROWS, w.astype(mx.bfloat16))  # 16-bit (and quantized): no copy
+    assert not kernels.supported(kernels.WIDE_ROWS + 1, w.astype(mx.bfloat16))
     assert not kernels.supported(1, mx.zeros((8, 36)))  # not a multiple of the lanes (8 or 16) inputs
     assert not kernels.supported(1, w.astype(mx.int32))
     q, s, b = mx.quantize(mx.zeros((8, 192)), group_size=64, bits=3)
@@ -139,10 +141,12 @@ def test_layers_use_the_kernels_only_inside_inference(kind, monkeypatch):
     assert inside.dtype == outside.dtype
     tol = 1e-2 if kind == "bfloat16" else 1e-4
     np.testing.assert_allclose(np.array(inside.astype(mx.float32)), np.array(outside.astype(mx.float32)), atol=tol)
-    big = mx.random.normal((1, kernels.MAX_ROWS + 1, 128)).astype(x.dtype)
+    widest = kernels.MAX_ROWS if kind == "float32" else kernels.WIDE_ROWS  # quantized, 16-bit: a prefill's too
     with fast.inference():
-        ours(big)  # prefill: MLX's and OpenBLAS's products
-    assert len(calls) == 1
+        ours(mx.random.normal((1, widest, 128)).astype(x.dtype))
+        assert len(calls) == 2
+        ours(mx.random.normal((1, widest + 1, 128)).astype(x.dtype))  # MLX's and OpenBLAS's products
+    assert len(calls) == 2
 
 
 @needs_kernels
@@ -283,6 +287,18 @@ def test_silu_of_the_fused_call_across_float32s_range():
     y = kernels.residual_product(np.ones_like(g), np.zeros_like(g), identity, gate=g)
     exact = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64)))
     np.testing.assert_allclose(y, exact, rtol=3e-7, atol=1e-35)  # e^-x capped at e^88, as elementwise.silu caps it
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [1, 15, 1 << 16, (1 << 16) + 5])  # a tail past the last whole vector; threads
+def test_the_kernels_exp_is_float32_exact_and_zero_below_its_range(size):
+    """kernels.exp (attention's e^x in prefill) against float64 e^x: within 2 ulp for -87 <= x <= 88, 0 below."""
+    x = np.resize(np.concatenate([np.linspace(-87, 88, 997), [-1e4, -88.0, -87.5, -1e-30, 0.0]]), size)
+    y = kernels.exp(x.astype(np.float32))
+    exact = np.exp(x.astype(np.float32).astype(np.float64))
+    inside = x >= -87
+    np.testing.assert_allclose(y[inside], exact[inside], rtol=2.5e-7)
+    assert (y[~inside] == 0).all()
 
 
 def decoding_batch(folder, kind: str, seed: int) -> tuple[nn.Module, list, mx.array]:

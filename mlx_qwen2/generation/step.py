@@ -12,7 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..backends.cpu.layers import inference
+from ..backends.cpu.layers import inference, prefill_rows
 from ..errors import UserError
 from ..models import Model
 from ..sample import LogitsProcessor, Sampler
@@ -28,6 +28,7 @@ def prefill(
     than all but its last token here and that token alone after: a pass over one token costs about
     as much as a pass over many, so this shortens the time to the first token by one decode step.
     """
+    step = prefill_rows(model, step)  # on CPU, shorter passes where the kernels take the products
     while tokens.size > step:
         model.model(tokens[None, :step], cache)  # the backbone only: these logits are not needed
         mx.eval([c.state for c in cache])

@@ -8,12 +8,19 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from ...models.base import retyped
-from ...models.experts import SwitchGLU
+from ...models.experts import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 from ...models.qwen2 import MLP, Attention, DecoderLayer
-from . import elementwise
+from . import elementwise, kernels
 from .decoder import FusedDecoderLayer
 from .experts import GroupingSwitchGLU
-from .layers import BlockingMLP, DequantizingEmbedding, DequantizingLinear, UpcastingEmbedding, UpcastingLinear
+from .layers import (
+    BlockingMLP,
+    DequantizingEmbedding,
+    DequantizingLinear,
+    UpcastingEmbedding,
+    UpcastingLinear,
+    _is_16_bit,
+)
 
 _SWAPS = {
     nn.QuantizedLinear: DequantizingLinear,
@@ -22,6 +29,15 @@ _SWAPS = {
     nn.Embedding: UpcastingEmbedding,
     SwitchGLU: GroupingSwitchGLU,
 }
+
+
+def _wide(module: nn.Module) -> bool:
+    """Whether the kernels take this layer's products up to kernels.WIDE_ROWS rows (layers.prefill_rows)."""
+    if type(module) is UpcastingLinear:
+        return _is_16_bit(module.weight)
+    return type(module) in (DequantizingLinear, QuantizedSwitchLinear) or (
+        type(module) is SwitchLinear and _is_16_bit(module.weight)
+    )
 
 
 def _wanted(module: nn.Module) -> bool:
@@ -39,12 +55,13 @@ def use_fast_layers(model: nn.Module, device: mx.Device | None = None) -> int:
     # Each after its children's swaps: a module holds its children as they are when it is retyped.
     _retype_all(model, MLP, BlockingMLP)
     _retype_all(model, DecoderLayer, FusedDecoderLayer)
+    model.__dict__["_wide_kernels"] = kernels.available() and any(_wide(m) for m in model.modules())
     if elementwise.SLOW_EXP:
         for _, m in model.named_modules():
             if isinstance(m, (MLP, SwitchGLU)):
                 m.silu = elementwise.silu
             elif isinstance(m, Attention):
-                m.exp = elementwise.exp
+                m.exp = elementwise.attention_exp
     return len(swaps)
 
 

@@ -404,3 +404,18 @@ int residual_product(int rows, int K, const float *gate, const float *x, const f
         for (size_t i = 0; i < (size_t)rows * m->N; i++) y[i] += residual[i];
     return status;
 }
+
+/* y = e^x for n floats (as vexp: e^x for x <= 88, 0 below -87): attention's exponentials in prefill, where
+ * MLX's CPU e^x takes one element at a time off Apple Silicon. Returns 0. */
+int exp_array(size_t n, const float *x, float *y, int threads) {
+    const size_t whole = n / LANES * LANES;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && n >= 1 << 15)
+    for (size_t i = 0; i < whole; i += LANES) store(y + i, vexp(load(x + i)));
+    if (whole < n) {
+        float tail[LANES] = {0};
+        memcpy(tail, x + whole, (n - whole) * sizeof(float));
+        store(tail, vexp(load(tail)));
+        memcpy(y + whole, tail, (n - whole) * sizeof(float));
+    }
+    return 0;
+}

@@ -21,9 +21,10 @@ CPU, quantized layers and 16-bit float layers compute in float32:
 
 and round the result back to the activations' dtype. Inside generation's
 passes (`inference`: nothing there is differentiated or compiled), every
-product of up to kernels.MAX_ROWS rows goes instead to the compiled few-row
+product of up to kernels.MAX_ROWS rows (kernels.WIDE_ROWS for quantized and
+16-bit weights: a prefill's too) goes instead to the compiled few-row
 kernels (`kernels`), which read the matrix once on every core whatever its
-kind, and a whole decoder layer's products, norms, residuals and SiLU go to
+kind (never a float32 copy), and a whole decoder layer's products, norms, residuals and SiLU go to
 them in four calls (`decoder`); the paths above serve training, other
 callers, machines without a C compiler, and MLX_QWEN2_KERNELS=off. A forward pass of 2-8
 tokens (a batch decoding) runs OpenBLAS on one thread and splits every
@@ -77,7 +78,8 @@ FEW_ROWS = range(2, PAD_ROWS)
 # of OpenBLAS's threads (here: 2 and 2; more cores than MAX_STREAMS keep OpenBLAS's threads).
 SPLIT_TOKENS = range(2, 9)
 # In generation's passes (`inference`), products of up to kernels.MAX_ROWS rows go to the compiled kernels
-# (`kernels`), which read each matrix once on every core, for every kind of weight (float32 too: at 16 rows
+# (`kernels`; quantized and 16-bit weights up to kernels.WIDE_ROWS, blocks of `blocked_mlp` included),
+# which read each matrix once on every core, for every kind of weight (float32 too: at 16 rows
 # the kernel took 1.6 ms where OpenBLAS's AVX-512 product took 2.5 for a 4864 x 896 matrix in an ad-hoc
 # timing; a whole float32 decode step of 16 sequences was a tie, 307 against 294-298 ms, benchmarks/decode_step.py).
 COPY_BLOCK = 1 << 20  # weights per block when making float32 copies (4 MB)
@@ -141,6 +143,23 @@ def planes_product(
         if not own:
             terms.append(rows_product(x[..., i::fields], plane))
     return functools.reduce(mx.add, terms)
+
+
+# A prompt's chunks (generation's prefill) for a model whose products the kernels take up to
+# kernels.WIDE_ROWS rows (quantized or 16-bit weights) run in passes of at most PASS_ROWS tokens: each
+# pass's float32 activations (attention's scores, the MLPs' and experts' intermediates) are a quarter of
+# a 512-token pass's, and the kernels' cost is about linear in the rows. The 4-bit MoE benchmark's
+# 256-token prompt: 296-307 tokens/s and MLX's peak at 1.052x the weights, against 254-261 and 1.142-1.145
+# in one pass; the 4-bit 0.5B model, 512 tokens: 122 against 126 tokens/s, 1.074x against 1.107x; bfloat16
+# 129 against 134, 1.021x against 1.039x (ad-hoc, one process each). Float32 weights keep the caller's
+# chunks: OpenBLAS's products gain from more rows (the float32 MoE: 255-285 against 308-331 tokens/s).
+PASS_ROWS = 128
+
+
+def prefill_rows(model: nn.Module, step: int) -> int:
+    """The tokens of a prefill pass for a prompt chunk of `step`: at most PASS_ROWS where `use_fast_layers`
+    found the kernels taking the model's products (see above), else `step`."""
+    return min(step, PASS_ROWS) if model.__dict__.get("_wide_kernels", False) else step
 
 
 def _tokens(x: mx.array) -> int:
@@ -428,7 +447,8 @@ def _block(layer: nn.Module, x: mx.array, rows: slice | None = None, cols: slice
             scales[:, cols.start // group : cols.stop // group],
             biases[:, cols.start // group : cols.stop // group],
         )
-    return quantized_product(layer.group_size, layer.bits)(x, *params)
+    y = _kernel(x, *params, layer.group_size, layer.bits)  # up to kernels.WIDE_ROWS rows: no float32 copy
+    return y if y is not None else quantized_product(layer.group_size, layer.bits)(x, *params)
 
 
 class BlockingMLP(MLP):
