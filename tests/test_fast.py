@@ -455,20 +455,14 @@ def test_prefill_passes_are_short_where_the_kernels_take_the_products(tiny_untie
     their products; float32 keeps the caller's chunks), with the cache and next tokens of one long pass."""
     import itertools
 
-    from mlx_qwen2 import load
     from mlx_qwen2.cache import make_cache
     from mlx_qwen2.generation import generate_step
-    from mlx_qwen2.quant.affine import quantize_model
     from mlx_qwen2.sample import greedy
+    from tests.test_kernels import load_as
 
     if not fast.kernels.available():
         pytest.skip("no C compiler: the kernels are not built")
-    model, _ = load(tiny_untied)
-    if kind == "bfloat16":
-        model.set_dtype(mx.bfloat16)
-    elif kind == "4bit":
-        quantize_model(model, group_size=32, bits=4)
-    use_fast_layers(model, mx.Device(mx.cpu))
+    model = load_as(tiny_untied, kind)
     monkeypatch.setattr(fast, "PASS_ROWS", 8)
     prompt = mx.array([(7 * i + 3) % 400 for i in range(30)])
 

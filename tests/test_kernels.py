@@ -301,11 +301,9 @@ def test_the_kernels_exp_is_float32_exact_and_zero_below_its_range(size):
     assert (y[~inside] == 0).all()
 
 
-def decoding_batch(folder, kind: str, seed: int) -> tuple[nn.Module, list, mx.array]:
-    """The model in `folder` as `kind` (float32, bfloat16, 4bit) with the CPU layers, random caches of 6
-    positions for a batch of 5 rows, and one next token a row: a decode pass for the fused layer's tests."""
+def load_as(folder, kind: str) -> nn.Module:
+    """The model in `folder` as `kind` (float32, bfloat16, 4bit: group 32), with the CPU layers."""
     from mlx_qwen2 import load
-    from mlx_qwen2.backends.cpu import decoder
     from mlx_qwen2.quant.affine import quantize_model
 
     model, _ = load(folder)
@@ -313,7 +311,16 @@ def decoding_batch(folder, kind: str, seed: int) -> tuple[nn.Module, list, mx.ar
         model.set_dtype(mx.bfloat16)
     elif kind == "4bit":
         quantize_model(model, group_size=32, bits=4)
-        use_fast_layers(model, mx.Device(mx.cpu))
+    use_fast_layers(model, mx.Device(mx.cpu))  # again: the new layers, and what they are made of
+    return model
+
+
+def decoding_batch(folder, kind: str, seed: int) -> tuple[nn.Module, list, mx.array]:
+    """The model in `folder` as `kind` (`load_as`), random caches of 6 positions for a batch of 5 rows, and
+    one next token a row: a decode pass for the fused layer's tests."""
+    from mlx_qwen2.backends.cpu import decoder
+
+    model = load_as(folder, kind)
     assert all(type(layer) is decoder.FusedDecoderLayer for layer in model.layers)
     mx.random.seed(seed)
     shape = (5, model.args.n_kv_heads, 6, model.args.head_dim)

@@ -29,7 +29,7 @@ quantized kernel runs on one thread. So on CPU:
   (token, slot) places there, no MLX array of the pairs): in a 128-token
   prefill pass of the benchmark's 4-bit model MLX's peak fell from 1.052x
   to 1.050x the weights and the prefill went from 296-307 to 336-339
-  tokens/s, float32's from ~300 to 359 (ad-hoc). A decoder layer decoding
+  tokens/s, float32's from ~300 to 348-363 (ad-hoc). A decoder layer decoding
   takes its experts through `host_mixture` instead (the weighted sum too).
 
 Adapters on the experts (LoRA) take MLX's gathered path. Knows nothing of files.
