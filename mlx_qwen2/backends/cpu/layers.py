@@ -24,10 +24,10 @@ passes (`inference`: nothing there is differentiated or compiled), every
 product of up to kernels.MAX_ROWS rows (kernels.WIDE_ROWS for quantized and
 16-bit weights: a prefill's too) goes instead to the compiled few-row
 kernels (`kernels`), which read the matrix once on every core whatever its
-kind (never a float32 copy), and a whole decoder layer's products, norms, residuals and SiLU go to
-them in four calls (`decoder`); the paths above serve training, other
-callers, machines without a C compiler, and MLX_QWEN2_KERNELS=off. A forward pass of 2-8
-tokens (a batch decoding) runs OpenBLAS on one thread and splits every
+kind (never a float32 copy), and a whole decoder layer's products, norms,
+residuals and SiLU go to them in four calls (`decoder`); the paths above
+serve training, other callers, machines without a C compiler, and
+MLX_QWEN2_KERNELS=off. A forward pass of 2-8 tokens (a batch decoding) runs OpenBLAS on one thread and splits every
 product over the CPU streams, one block each side by side (`pace`, set by
 the embeddings as each pass starts; see SPLIT_TOKENS). The embeddings hand
 the model float32 activations, as MLX's 16-bit elementwise operations
