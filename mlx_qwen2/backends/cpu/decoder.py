@@ -29,7 +29,7 @@ import numpy as np
 from ...models.qwen2 import MLP, Attention, DecoderLayer
 from ...models.qwen2_moe import SparseMoeBlock
 from . import kernels, layers
-from .experts import host_mixture
+from .experts import host_mixture, mixture_operands
 
 _LINEAR = (layers.UpcastingLinear, layers.DequantizingLinear)
 
@@ -105,14 +105,14 @@ def _sparse_block(m: SparseMoeBlock, norm: tuple[tuple, float], h: np.ndarray) -
         e = sum of weights * expert(x) over each row's experts               (experts.host_mixture)
         y = h + e + (silu(sg) * su * sigmoid(s)) @ Wd_shared                 (kernels.residual_product)
 
-    (the shared expert's scale sigmoid(s), one number a row, is moved before its down_proj). None where the
-    kernels do not take one of its layers."""
+    (the shared expert's scale sigmoid(s), one number a row, is moved before its down_proj). None, before
+    any of it, where the kernels do not take one of its layers."""
     shared = m.shared_expert
     if type(shared) not in (MLP, layers.BlockingMLP):
         return None
     first = [_operands(p) for p in (m.gate, shared.gate_proj, shared.up_proj, m.shared_expert_gate)]
-    down = _operands(shared.down_proj)
-    if None in first or down is None:
+    down, routed_by = _operands(shared.down_proj), mixture_operands(m.switch_mlp)
+    if None in first or down is None or routed_by is None:  # before any work: the plain path redoes it all
         return None
     (weight, kind), eps = norm
     x = h * (1 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + eps)) * _float32(weight, kind)
@@ -123,9 +123,7 @@ def _sparse_block(m: SparseMoeBlock, norm: tuple[tuple, float], h: np.ndarray) -
     weights = np.take_along_axis(probs, experts, axis=-1)
     if m.norm_topk_prob:
         weights /= weights.sum(axis=-1, keepdims=True)
-    routed = host_mixture(m.switch_mlp, x, experts, weights)
-    if routed is None:
-        return None
+    routed = host_mixture(routed_by, x, experts, weights)
     scaled = su / (1 + np.exp(-s))
     return kernels.residual_product(scaled, h + routed, down, gate=sg)
 

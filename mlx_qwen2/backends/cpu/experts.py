@@ -203,16 +203,21 @@ def _on_host(operands: list[list[kernels.Operands]], x: np.ndarray, experts: np.
     return y
 
 
-def host_mixture(glu: nn.Module, x: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
-    """sum_j weights[:, j] * expert_{experts[:, j]}(x) for x (rows, D) float32 on the host, its experts and
-    their weights (rows, k): each expert's rows through the kernels (an MoE decoder layer's experts in
-    `decoder.FusedDecoderLayer`); None where the kernels do not take these experts (adapters on them)."""
+def mixture_operands(glu: nn.Module) -> list[list[kernels.Operands]] | None:
+    """A CPU SwitchGLU's experts as kernel operands for `host_mixture`; None where the kernels do not take
+    them (adapters on the experts, sizes they cannot)."""
     projections = (glu.gate_proj, glu.up_proj, glu.down_proj)
     if type(glu) is not GroupingSwitchGLU or not all(type(p) in PLAIN for p in projections):
         return None
-    operands = stacked_operands(projections)
-    if operands is None:
-        return None
+    return stacked_operands(projections)
+
+
+def host_mixture(
+    operands: list[list[kernels.Operands]], x: np.ndarray, experts: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """sum_j weights[:, j] * expert_{experts[:, j]}(x) for x (rows, D) float32 on the host, its experts and
+    their weights (rows, k): each expert's rows through the kernels (`mixture_operands`; an MoE decoder
+    layer's experts in `decoder.FusedDecoderLayer`)."""
     y = np.zeros_like(x)
     for rows, slot, out in _each_expert(operands, x, experts):
         y[rows] += weights[rows, slot, None] * out
